@@ -1,0 +1,45 @@
+"""`mlx-moe-tune` command line: one subcommand per module, dispatched here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help). Each module exposes `add_arguments(parser)` and `run(args)`.
+COMMANDS = {
+    "sweep": ("mlx_moe_tune.sweep", "measure GB/s across m and kernels/configs"),
+    "plot": ("mlx_moe_tune.plot", "plot a sweep's CSV (regime cliff, heatmap, speedup)"),
+    "info": ("mlx_moe_tune.info", "backend, device, memory and bandwidth"),
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-moe-tune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (modname, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    if args.command not in modules:
+        parser.error(f"command {args.command!r} is not available in this build")
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"mlx-moe-tune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

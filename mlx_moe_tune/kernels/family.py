@@ -1,0 +1,108 @@
+"""A kernel family is data: per-dialect sources, a tile space, a validity check and a launch rule.
+
+The same family object serves Metal, CUDA and the emulator; the backend only decides which
+`*_kernel` constructor compiles the source (see backend.Backend.kernel_factory).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+from ..backend import Backend
+from ..sources import read_source
+
+Config = Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One gather_qmm call as the kernels see it: `rows` (token, expert) pairs over E experts."""
+
+    experts: int
+    k: int  # input features (reduction)
+    n: int  # output features
+    rows: int  # T * top_k
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    dtype: str = "bfloat16"  # activation / output dtype
+    m: float | None = None  # rows per active expert, when known (tile choice only)
+
+    @property
+    def rows_per_expert(self) -> float:
+        return self.m if self.m is not None else self.rows / self.experts
+
+
+@dataclass(frozen=True)
+class Launch:
+    grid: tuple[int, int, int]  # in threads, like mx.fast.*_kernel
+    threadgroup: tuple[int, int, int]
+    shared_memory: int = 0  # dynamic bytes (CUDA only)
+
+
+@dataclass(frozen=True)
+class DialectSource:
+    body: str  # relpath of the kernel body, e.g. "cuda/qmm.cu"
+    headers: tuple[str, ...] = ()  # relpaths prepended as `header`, in order
+
+    def text(self) -> tuple[str, str]:
+        return read_source(self.body), "\n".join(read_source(h) for h in self.headers)
+
+
+@dataclass(frozen=True)
+class KernelFamily:
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    sources: Mapping[str, DialectSource]  # by dialect
+    space: Mapping[str, Mapping[str, Sequence[int]]]  # by dialect: ordered tile param -> values
+    check: Callable[[Problem, Config, Backend], str | None]  # reason the config is invalid, or None
+    launch: Callable[[Problem, Config, Backend], Launch]
+    template: Callable[[Problem, Config], list[tuple[str, object]]]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def configs(self, dialect: str) -> Iterator[dict[str, int]]:
+        space = self.space.get(dialect, {})
+        keys = list(space)
+        for vals in itertools.product(*(space[k] for k in keys)):
+            yield dict(zip(keys, vals))
+
+    def valid_configs(self, problem: Problem, backend: Backend) -> list[dict[str, int]]:
+        return [c for c in self.configs(backend.dialect) if self.check(problem, c, backend) is None]
+
+    def kernel(self, backend: Backend):
+        """The compiled-kernel object for this backend (one per family; templates pick tiles)."""
+        key = backend.name
+        if key not in self._cache:
+            if backend.dialect not in self.sources:
+                raise NotImplementedError(f"kernel family {self.name!r} has no {backend.dialect} source")
+            body, header = self.sources[backend.dialect].text()
+            factory = backend.kernel_factory()
+            kwargs = dict(
+                name=f"mmt_{self.name}",
+                input_names=list(self.input_names),
+                output_names=list(self.output_names),
+                source=body,
+                header=header,
+                ensure_row_contiguous=True,
+            )
+            self._cache[key] = factory(**kwargs)
+        return self._cache[key]
+
+
+def config_id(config: Config) -> str:
+    """Stable, readable id: 'BM16_BN64_BK64_WM1_WN4'."""
+    return "_".join(f"{k}{v}" for k, v in config.items())
+
+
+def parse_config_id(text: str) -> dict[str, int]:
+    import re
+
+    out = {}
+    for part in text.split("_"):
+        m = re.fullmatch(r"([A-Za-z]+)(\d+)", part)
+        if not m:
+            raise ValueError(f"bad config id part {part!r} in {text!r}")
+        out[m.group(1)] = int(m.group(2))
+    return out
