@@ -10,6 +10,8 @@ COMMANDS = {
     "sweep": ("mlx_moe_tune.sweep", "measure GB/s across m and kernels/configs"),
     "plot": ("mlx_moe_tune.plot", "plot a sweep's CSV (regime cliff, heatmap, speedup)"),
     "info": ("mlx_moe_tune.info", "backend, device, memory and bandwidth"),
+    "selftest": ("mlx_moe_tune.selftest", "run every shipped kernel config on small shapes vs the numpy reference"),
+    "report": ("mlx_moe_tune.report", "a sweep CSV as a markdown table (stock vs best tuned per m)"),
 }
 
 
