@@ -1,0 +1,248 @@
+"""`mlx-moe-tune selftest`: every shipped kernel config, on small shapes, vs the numpy reference.
+
+Runs on whatever backend is here: MLX's Metal or CUDA backend when present, otherwise the CPU
+SIMT emulator (Metal dialect unless `--backend emulator-cuda`). Prints one pass/fail line per
+(family, case, config) and exits non-zero on any failure. This is what a Mac user runs first.
+
+Cases are ragged on purpose: N not a multiple of any tile width, an expert with no rows, one
+with a single row and one with more rows than any BM, K of a single group, and the per-token
+decode layout (x row = pair / top_k). Every config of the shipped space runs on the ragged
+case; the format matrix (bits x group size x dtype) runs the first and last valid configs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .kernels.family import Problem, config_id
+
+DTYPES = ("float16", "bfloat16", "float32")
+# max |y - ref| / max |ref|: dequantized weights and outputs are rounded to the activation dtype.
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    counts: tuple[int, ...]  # rows per expert (experts with 0 rows included)
+    k: int
+    n: int
+    bits: int = 4
+    group_size: int = 32
+    dtype: str = "bfloat16"
+    x_div: int = 1  # x row of pair p is p // x_div (top_k for the per-token decode layout)
+    configs: str = "all"  # "all" or "ends" (first and last valid config)
+
+    def problem(self) -> Problem:
+        rows = sum(self.counts)
+        return Problem(
+            experts=len(self.counts), k=self.k, n=self.n, rows=rows, bits=self.bits,
+            group_size=self.group_size, dtype=self.dtype, m=rows / max(1, sum(c > 0 for c in self.counts)),
+        )
+
+
+def default_cases(full: bool = False) -> list[Case]:
+    """The ragged case (all configs), the decode layout, and the format matrix."""
+    cases = [
+        Case("ragged", counts=(0, 1, 5, 37), k=128, n=72),
+        Case("decode", counts=(2, 0, 1, 1), k=64, n=40, x_div=2, configs="ends"),
+    ]
+    for bits in (4, 8, 2):
+        for gs in (32, 64, 128):
+            for dtype in DTYPES:
+                if not full and (gs, dtype) not in ((32, "float16"), (64, "bfloat16"), (128, "float32")):
+                    continue
+                # K of one group: the smallest K a quantized matrix can have
+                cases.append(
+                    Case(f"{bits}bit-gs{gs}-{dtype}", counts=(3, 0, 1, 2), k=gs, n=24, bits=bits,
+                         group_size=gs, dtype=dtype, configs="all" if full else "ends")
+                )
+    return cases
+
+
+@dataclass
+class Result:
+    family: str
+    case: str
+    config: str
+    ok: bool
+    error: float | None = None
+    message: str = ""
+    seconds: float = 0.0
+
+
+def _mx_dtype(name: str):
+    import mlx.core as mx
+
+    return {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[name]
+
+
+@dataclass
+class Inputs:
+    """Arrays for every input name any family uses, plus the float64 references."""
+
+    arrays: dict = field(default_factory=dict)
+    ref: np.ndarray | None = None  # x W^T per pair
+    ref_glu: np.ndarray | None = None  # silu(x Wg^T) * (x Wu^T) per pair
+
+
+def build_inputs(case: Case, seed: int = 0) -> Inputs:
+    import mlx.core as mx
+
+    from . import formats
+
+    rng = np.random.default_rng(seed)
+    E, K, N = len(case.counts), case.k, case.n
+    P = sum(case.counts)
+    T = _mx_dtype(case.dtype)
+
+    def quantized():
+        w = rng.standard_normal((E, N, K)).astype(np.float32)
+        wq, scales, biases = formats.quantize(w, group_size=case.group_size, bits=case.bits)
+        # the kernel sees scales/biases rounded to T: the reference uses exactly those values
+        s = mx.array(np.asarray(scales, np.float32)).astype(T)
+        b = mx.array(np.asarray(biases, np.float32)).astype(T)
+        return np.asarray(wq), s, b
+
+    experts = np.repeat(np.arange(E, dtype=np.int32), case.counts)
+    pair_expert = experts[rng.permutation(P)]  # pairs in token order, experts mixed
+    order = np.argsort(pair_expert, kind="stable").astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(case.counts)]).astype(np.int32)
+    X = -(-P // case.x_div)
+    x = mx.array(rng.standard_normal((X, K)).astype(np.float32)).astype(T)
+    x_rows = np.asarray(x.astype(mx.float32))[np.arange(P) // case.x_div]
+
+    out = Inputs()
+    refs = {}
+    for tag, names in (("", ("w", "scales", "biases")), ("_gate", None), ("_up", None)):
+        wq, s, b = quantized()
+        names = names or (f"w{tag}", f"scales{tag}", f"biases{tag}")
+        out.arrays.update(dict(zip(names, (mx.array(wq), s, b))))
+        refs[tag] = formats.reference_gather_qmm(
+            x_rows, wq, np.asarray(s.astype(mx.float32)), np.asarray(b.astype(mx.float32)),
+            pair_expert, group_size=case.group_size, bits=case.bits, mode="affine",
+        ).astype(np.float64)
+    g, u = refs["_gate"], refs["_up"]
+    out.ref = refs[""]
+    out.ref_glu = g / (1.0 + np.exp(-g)) * u
+    out.arrays.update(x=x, idx=mx.array(pair_expert), order=mx.array(order), offsets=mx.array(offsets))
+    return out
+
+
+def run_config(family, backend, case: Case, config: dict, inputs: Inputs, check: bool = True):
+    """Run one config; returns (relative error, y)."""
+    import mlx.core as mx
+
+    problem = case.problem()
+    launch = family.launch(problem, config, backend)
+    template = family.template(problem, config)
+    # X_DIV is the call's layout, not the shape's: override the family's default
+    template = [(k, case.x_div if k == "X_DIV" else v) for k, v in template]
+    kwargs = dict(
+        inputs=[inputs.arrays[name] for name in family.input_names],
+        template=template,
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[(problem.rows, problem.n)],
+        output_dtypes=[_mx_dtype(case.dtype)],
+        init_value=float("nan"),  # a row the kernel forgets to write fails the comparison
+    )
+    if backend.emulated:
+        kwargs["check"] = check
+    (y,) = family.kernel(backend)(**kwargs)
+    y = np.asarray(mx.array(y).astype(mx.float32), dtype=np.float64)
+    ref = inputs.ref_glu if "w_gate" in family.input_names else inputs.ref
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(y - ref).max() / scale) if np.isfinite(y).all() else float("inf")
+    return err, y
+
+
+def select_configs(family, backend, case: Case) -> list[dict]:
+    valid = family.valid_configs(case.problem(), backend)
+    if case.configs == "ends" and len(valid) > 2:
+        return [valid[0], valid[-1]]
+    return valid
+
+
+def selftest(families, backend, cases, *, check: bool = True, max_configs: int | None = None,
+             echo=None) -> list[Result]:
+    results = []
+    for case in cases:
+        inputs = build_inputs(case)
+        for fam in families:
+            configs = select_configs(fam, backend, case)
+            if max_configs is not None:
+                configs = configs[:max_configs]
+            if not configs:
+                results.append(Result(fam.name, case.name, "-", False, message="no valid config"))
+            for cfg in configs:
+                t0 = time.perf_counter()
+                try:
+                    err, _ = run_config(fam, backend, case, cfg, inputs, check=check)
+                    ok = err <= TOLERANCE[case.dtype]
+                    r = Result(fam.name, case.name, config_id(cfg), ok, err,
+                               "" if ok else f"error {err:.2e} > {TOLERANCE[case.dtype]:.0e}")
+                except Exception as e:  # a failing config is a result, not a crash
+                    r = Result(fam.name, case.name, config_id(cfg), False, None,
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                r.seconds = time.perf_counter() - t0
+                results.append(r)
+                if echo:
+                    echo(r)
+    return results
+
+
+def format_row(r: Result) -> str:
+    err = "-" if r.error is None else f"{r.error:.1e}"
+    status = "pass" if r.ok else "FAIL"
+    return f"{r.family:<8} {r.case:<22} {r.config:<28} {err:>8} {status:>5}  {r.message}"
+
+
+def shipped_families(dialect: str):
+    """The kernel families that have a source in `dialect` (H-cuda's definitions)."""
+    from .kernels import registry
+
+    return [f for f in registry.families() if dialect in f.sources]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None,
+                   help="metal | cuda | emulator-metal | emulator-cuda (default: the GPU, else emulator-metal)")
+    p.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
+    p.add_argument("--full", action="store_true", help="every config for every bits x group size x dtype")
+    p.add_argument("--max-configs", type=int, default=None, help="at most this many configs per family and case")
+    p.add_argument("--no-check", action="store_true", help="emulator: skip bounds/race checking (faster)")
+
+
+def run(args) -> int:
+    from .backend import get_backend
+
+    backend = get_backend(args.backend)
+    families = shipped_families(backend.dialect)
+    if args.family:
+        known = {f.name for f in families}
+        unknown = sorted(set(args.family) - known)
+        if unknown:
+            raise ValueError(f"unknown kernel family {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        families = [f for f in families if f.name in args.family]
+    if args.max_configs is not None and args.max_configs < 1:
+        raise ValueError("--max-configs must be >= 1")
+    print(f"mlx-moe-tune selftest on {backend.name}: {', '.join(f.name for f in families)}")
+    print(f"{'family':<8} {'case':<22} {'config':<28} {'error':>8} {'':>5}")
+    results = selftest(families, backend, default_cases(args.full), check=not args.no_check,
+                       max_configs=args.max_configs, echo=lambda r: print(format_row(r), flush=True))
+    failed = [r for r in results if not r.ok]
+    total = sum(r.seconds for r in results)
+    print(f"{len(results) - len(failed)}/{len(results)} passed in {total:.1f} s" +
+          (f"; {len(failed)} FAILED" if failed else ""))
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))
