@@ -1,0 +1,631 @@
+"""`mlx-moe-tune tune`: search each kernel family's tile space per m bucket and keep the winners.
+
+For every (shape, m bucket) the tuner
+  1. lists the valid configs of each family (`KernelFamily.check` already dropped the rest);
+  2. picks candidates: all of them when the space fits the budget, otherwise a seeded random
+     sample taken round-robin over the families. The sample is seeded by the shape, not by m,
+     so every m bucket of a shape sees mostly the same configs and each compiles once;
+  3. runs each candidate once and compares its output with the reference (the numpy
+     `formats.reference_gather_qmm` for small problems, MLX's own `mx.gather_qmm` for large
+     ones). A wrong or failing candidate is recorded with its status and never timed or chosen;
+  4. times the verified candidates with H-sweep's timer (`measure.py`): all at full iterations
+     when exhaustive, else successive halving (cheap timing for all, then the best third
+     re-timed with more iterations, ...);
+  5. writes the fastest to a tuning table (`tables.py`), with the stock kernel's GB/s beside it.
+
+Every verification and timing is appended to a JSONL cache keyed by device, backend, MLX
+version, shape, format, m, family, config (and the kernel source's hash), so an interrupted tune
+resumes where it stopped and a repeated one measures nothing.
+
+Budget (`--budget`, per m bucket): `N` = at most N candidate configs; `Ns` = at most N seconds
+of measuring (cache hits are free). Without a budget, spaces of up to 64 configs are exhaustive.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .kernels.family import Problem, config_id
+
+DEFAULT_CONFIG_BUDGET = 64
+ETA = 3  # successive halving keeps the best 1/ETA of a rung
+# max |y - ref| / max |ref| a candidate may have: outputs are rounded to the activation dtype
+TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
+# above this many dequantized weights the numpy reference is too slow: use mx.gather_qmm
+NUMPY_REFERENCE_MAX_WEIGHTS = 1 << 24
+
+
+def default_cache_path() -> Path:
+    return Path(os.environ.get("MLX_MOE_TUNE_CACHE", "~/.cache/mlx-moe-tune/tune-cache.jsonl")).expanduser()
+
+
+# --- budget ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    configs: int | None = None  # candidate configs per m bucket
+    seconds: float | None = None  # measuring wall time per m bucket
+
+    @classmethod
+    def parse(cls, text: str | int | float | None | "Budget") -> "Budget":
+        if text is None:
+            return cls()
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, (int, float)):
+            text = str(text)
+        s = str(text).strip().lower()
+        try:
+            if s.endswith("s"):
+                v = float(s[:-1])
+                if not v > 0:
+                    raise ValueError
+                return cls(seconds=v)
+            v = int(s)
+            if v < 1:
+                raise ValueError
+            return cls(configs=v)
+        except ValueError:
+            raise ValueError(f"bad --budget {text!r}: use N configs (e.g. 40) or seconds (e.g. 90s), > 0") from None
+
+    def exhaustive(self, space_size: int) -> bool:
+        return self.seconds is None and space_size <= (self.configs or DEFAULT_CONFIG_BUDGET)
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+class Cache:
+    """Append-only JSONL of measurements. One line per verification or timing; the last line for
+    a key wins. A line cut short by a crash is ignored, so an interrupted run loses at most it."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path).expanduser() if path is not None else None
+        self.records: dict[str, dict] = {}
+        if self.path is not None and self.path.exists():
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        self.records[rec["id"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+
+    @staticmethod
+    def make_id(key: dict) -> str:
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: dict) -> dict | None:
+        return self.records.get(self.make_id(key))
+
+    def put(self, key: dict, rec: dict) -> dict:
+        rec = {"id": self.make_id(key), "key": key, **rec, "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.records[rec["id"]] = rec
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+# --- what is measured -----------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    kernel: Any  # a sweep.SweepKernel-like object: name, configs(case), build(case, config)
+    config: dict | None
+
+    @property
+    def family(self) -> str:
+        return self.kernel.name
+
+    @property
+    def cid(self) -> str:
+        return config_id(self.config) if self.config else ""
+
+
+@dataclass
+class Result:
+    """One candidate's outcome in one m bucket (what the cache holds, flattened)."""
+
+    family: str
+    config: dict | None
+    status: str  # ok | wrong | error | skipped (not reached within the budget)
+    error: float | None = None  # relative error vs the reference
+    time_us: float | None = None
+    time_us_p10: float | None = None
+    time_us_p90: float | None = None
+    iters: int | None = None
+    gbps: float | None = None
+    message: str = ""
+
+    @property
+    def config_id(self) -> str:
+        return config_id(self.config) if self.config else ""
+
+
+@dataclass
+class BucketResult:
+    m: int
+    best: Result | None
+    stock: Result | None
+    results: list[Result]
+    measured: int = 0  # new measurements (verifications + timings) this run
+    cached: int = 0  # answered from the cache
+    seconds: float = 0.0
+
+
+class Point:
+    """One (shape, format, m) the tuner decides for; holds the prepared case and reference."""
+
+    def __init__(self, bench, problem: Problem, m: int, top_k: int, router: str, seed: int, backend):
+        self.bench, self.problem, self.m, self.top_k, self.router, self.seed = bench, problem, m, top_k, router, seed
+        self.backend = backend
+        self._case = None
+        self._ref = None
+        self.key = {
+            "device": bench.device_name(),
+            "backend": backend.name,
+            "mlx": bench.mlx_version(),
+            "E": problem.experts,
+            "K": problem.k,
+            "N": problem.n,
+            "top_k": top_k,
+            "mode": problem.mode,
+            "bits": problem.bits,
+            "group_size": problem.group_size,
+            "dtype": problem.dtype,
+            "m": m,
+            "router": router,
+            "seed": seed,
+        }
+
+    @property
+    def case(self):
+        if self._case is None:
+            self._case = self.bench.prepare(self.problem, self.m, self.top_k, self.router, self.seed, self.backend)
+        return self._case
+
+    @property
+    def reference(self) -> np.ndarray:
+        if self._ref is None:
+            self._ref = np.asarray(self.bench.reference(self.case), dtype=np.float64)
+        return self._ref
+
+
+class Search:
+    """The per-bucket search: verify, then time (exhaustive or successive halving), with every
+    step going through the cache."""
+
+    def __init__(self, point: Point, cache: Cache, bench, iters: int, log: Callable[[str], None] | None = None):
+        self.point, self.cache, self.bench, self.iters, self.log = point, cache, bench, iters, log
+        self.measured = 0
+        self.cached = 0
+        self.fns: dict[tuple, Callable] = {}
+
+    def _key(self, cand: Candidate, kind: str, iters: int | None = None) -> dict:
+        k = dict(self.point.key, family=cand.family, config=cand.cid, kind=kind,
+                 src=self.bench.kernel_version(cand.kernel))
+        if iters is not None:
+            k["iters"] = iters
+        return k
+
+    def _fn(self, cand: Candidate):
+        k = (cand.family, cand.cid)
+        if k not in self.fns:
+            self.fns[k] = cand.kernel.build(self.point.case, cand.config)
+        return self.fns[k]
+
+    def verify(self, cand: Candidate) -> dict:
+        key = self._key(cand, "verify")
+        rec = self.cache.get(key)
+        if rec is not None:
+            self.cached += 1
+            return rec
+        self.measured += 1
+        ref = self.point.reference
+        try:
+            y = _to_numpy(self._fn(cand)())
+            if y.size != ref.size:
+                rec = {"status": "wrong", "error": None, "message": f"output has {y.size} values, reference {ref.size}"}
+            else:
+                y = y.reshape(ref.shape)
+                err = _rel_error(y, ref)
+                tol = TOLERANCE.get(self.point.problem.dtype, 3e-2)
+                ok = err <= tol
+                rec = {"status": "ok" if ok else "wrong", "error": err,
+                       "message": "" if ok else f"relative error {err:.3g} > {tol:g}"}
+        except Exception as e:  # a failing candidate is data, not a crash
+            rec = {"status": "error", "error": None, "message": _one_line(e)}
+        if rec["status"] != "ok" and self.log:
+            self.log(f"  m={self.point.m} {cand.family} {cand.cid}: {rec['status']}: {rec['message']}")
+        return self.cache.put(key, rec)
+
+    def time(self, cand: Candidate, iters: int) -> dict:
+        key = self._key(cand, "time", iters)
+        rec = self.cache.get(key)
+        if rec is not None:
+            self.cached += 1
+            return rec
+        self.measured += 1
+        try:
+            t = self.bench.time(self._fn(cand), iters)
+            wb = self.bench.weight_bytes(self.point.case)
+            rec = {"status": "ok", "time_us": t[0], "time_us_p10": t[1], "time_us_p90": t[2],
+                   "gbps": wb / (t[0] * 1e-6) / 1e9 if t[0] > 0 else None}
+        except Exception as e:
+            rec = {"status": "error", "message": _one_line(e)}
+        return self.cache.put(key, rec)
+
+
+def _to_numpy(y) -> np.ndarray:
+    import mlx.core as mx
+
+    if isinstance(y, (list, tuple)):
+        y = y[0]
+    if isinstance(y, mx.array):
+        return np.asarray(y.astype(mx.float32), dtype=np.float64)
+    return np.asarray(y, dtype=np.float64)
+
+
+def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
+    if not np.isfinite(y).all():
+        return float("inf")
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    return float(np.abs(y - ref).max() / scale)
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+
+
+def candidates(point: Point, kernels: Sequence, budget: Budget, seed: int) -> tuple[list[Candidate], int]:
+    """(candidates in evaluation order, size of the valid space). Exhaustive spaces keep their
+    natural order; otherwise each family's space is shuffled by a seed of (shape, family) so
+    the buckets of one shape share their sample, then families alternate."""
+    per_family = []
+    for k in kernels:
+        configs = list(k.configs(point.case))
+        per_family.append([Candidate(k, c) for c in configs])
+    size = sum(len(f) for f in per_family)
+    if budget.exhaustive(size):
+        return [c for f in per_family for c in f], size
+    shape = {x: point.key[x] for x in ("E", "K", "N", "mode", "bits", "group_size", "dtype", "backend")}
+    shuffled = []
+    for f in per_family:
+        if not f:
+            continue
+        rng = random.Random(json.dumps({**shape, "family": f[0].family, "seed": seed}, sort_keys=True))
+        # shuffle the family's full space, not this bucket's valid subset, so a config keeps
+        # its rank across buckets even where validity differs
+        f = sorted(f, key=lambda c: c.cid)
+        order = list(range(len(f)))
+        rng.shuffle(order)
+        shuffled.append([f[i] for i in order])
+    out = []
+    for i in range(max((len(f) for f in shuffled), default=0)):
+        out.extend(f[i] for f in shuffled if i < len(f))
+    if budget.configs is not None:
+        out = out[: budget.configs]
+    elif budget.seconds is None:
+        out = out[:DEFAULT_CONFIG_BUDGET]
+    return out, size
+
+
+def rung_iters(iters: int, exhaustive: bool) -> list[int]:
+    """Timing iterations per successive-halving rung: cheap first, full at the end."""
+    if exhaustive:
+        return [iters]
+    out = []
+    for it in (max(1, iters // 9), max(1, iters // 3), iters):
+        if not out or it > out[-1]:
+            out.append(it)
+    return out
+
+
+def tune_bucket(point: Point, kernels: Sequence, stock, *, budget: Budget, cache: Cache, bench, iters: int,
+                seed: int = 0, log=None) -> BucketResult:
+    t_start = time.perf_counter()
+    deadline = t_start + budget.seconds if budget.seconds is not None else None
+    s = Search(point, cache, bench, iters, log)
+    cands, size = candidates(point, kernels, budget, seed)
+    exhaustive = budget.exhaustive(size)
+    results: dict[tuple, Result] = {}
+
+    def over(frac: float = 1.0) -> bool:
+        return deadline is not None and time.perf_counter() >= t_start + frac * budget.seconds
+
+    # stock first: the speedup's denominator (its own failure is recorded, not fatal)
+    stock_res = None
+    if stock is not None:
+        sc = Candidate(stock, None)
+        r = s.time(sc, iters)
+        stock_res = Result(stock.name, None, r["status"], time_us=r.get("time_us"), time_us_p10=r.get("time_us_p10"),
+                           time_us_p90=r.get("time_us_p90"), iters=iters, gbps=r.get("gbps"), message=r.get("message", ""))
+
+    rungs = rung_iters(iters, exhaustive)
+    timed: dict[tuple, dict] = {}  # candidate -> its timing at the highest rung reached
+
+    def time_one(c: Candidate, it: int) -> bool:
+        rec = s.time(c, it)
+        res = results[(c.family, c.cid)]
+        if rec["status"] != "ok":
+            res.status, res.message = "error", rec.get("message", "")
+            timed.pop((c.family, c.cid), None)
+            return False
+        res.time_us, res.time_us_p10, res.time_us_p90 = rec["time_us"], rec.get("time_us_p10"), rec.get("time_us_p90")
+        res.gbps, res.iters = rec.get("gbps"), it
+        timed[(c.family, c.cid)] = rec
+        return True
+
+    # rung 0: verify each candidate, then time it cheaply. A seconds budget spends at most half
+    # its time here, leaving the rest for the higher rungs.
+    reached: list[Candidate] = []
+    for c in cands:
+        if over(0.5 if len(rungs) > 1 else 1.0):
+            results[(c.family, c.cid)] = Result(c.family, c.config, "skipped", message="budget")
+            continue
+        v = s.verify(c)
+        results[(c.family, c.cid)] = Result(c.family, c.config, v["status"], v.get("error"), message=v.get("message", ""))
+        if v["status"] == "ok" and time_one(c, rungs[0]):
+            reached.append(c)
+    # successive halving: the best 1/ETA of each rung is re-timed with more iterations
+    for it in rungs[1:]:
+        if len(reached) <= 1 or over():
+            break
+        reached.sort(key=lambda c: timed[(c.family, c.cid)]["time_us"])
+        survivors = reached[: max(1, math.ceil(len(reached) / ETA))]
+        reached = [c for c in survivors if not over() and time_one(c, it)]
+    best = None
+    if timed:
+        # the winner is the fastest among those timed at the highest rung reached
+        top = max(results[k].iters or 0 for k in timed)
+        pool = [results[k] for k in timed if results[k].iters == top and results[k].status == "ok"]
+        best = min(pool, key=lambda r: r.time_us) if pool else None
+    return BucketResult(point.m, best, stock_res, list(results.values()), s.measured, s.cached,
+                        time.perf_counter() - t_start)
+
+
+# --- the bench: how problems become inputs, references and timings (H-sweep's measure/sweep) --
+
+
+class Bench:
+    """Adapter over measure.py / sweep.py / formats.py. Tests may subclass it (e.g. a fake timer);
+    the tuner itself only calls these methods."""
+
+    def device_name(self) -> str:
+        from .tables import device_name
+
+        return device_name(self.backend_name)
+
+    def __init__(self, backend_name: str):
+        self.backend_name = backend_name
+
+    def mlx_version(self) -> str:
+        import mlx.core as mx
+
+        return mx.__version__
+
+    def prepare(self, problem: Problem, m: int, top_k: int, router: str, seed: int, backend):
+        from . import measure
+
+        return measure.prepare_case(problem, m=m, top_k=top_k, router=router, seed=seed, backend=backend)
+
+    def reference(self, case) -> np.ndarray:
+        from . import measure
+
+        return measure.case_reference(case)
+
+    def time(self, fn: Callable, iters: int) -> tuple[float, float, float]:
+        from . import measure
+
+        t = measure.time_fn(fn, iters=iters)
+        return (t.median_us, t.p10_us, t.p90_us)
+
+    def weight_bytes(self, case) -> int:
+        return int(case.weight_bytes)
+
+    def kernel_version(self, kernel) -> str:
+        """Hash of the kernel's source text: an edited kernel is re-verified, not trusted."""
+        v = getattr(kernel, "version", None)
+        if v is not None:
+            return str(v)
+        fam = getattr(kernel, "family", None)
+        srcs = getattr(fam, "sources", None)
+        if not srcs:
+            return ""
+        h = hashlib.sha1()
+        for d in sorted(srcs):
+            body, header = srcs[d].text()
+            h.update(body.encode())
+            h.update(header.encode())
+        return h.hexdigest()[:12]
+
+    def kernels(self, families: Sequence[str] | None):
+        from . import sweep
+
+        names = [n for n in sweep.KERNELS if n.startswith("tuned.")]
+        if families:
+            want = [f if f.startswith("tuned.") else f"tuned.{f}" for f in families]
+            unknown = [f for f in want if f not in sweep.KERNELS]
+            if unknown:
+                raise ValueError(f"unknown kernel family {', '.join(unknown)}; available: {', '.join(names) or 'none'}")
+            names = want
+        else:
+            # the fused gate+up variant is a different op: not a gather_qmm candidate
+            names = [n for n in names if "glu" not in n]
+        return [sweep.KERNELS[n] for n in names]
+
+    def stock(self):
+        from . import sweep
+
+        return sweep.KERNELS.get("stock.gather_qmm")
+
+
+# --- the whole tune -------------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    E: int
+    K: int
+    N: int
+    top_k: int
+    mode: str = "affine"
+    bits: int = 4
+    group_size: int = 64
+    dtype: str = "bfloat16"
+
+    def problem(self, m: int) -> Problem:
+        return Problem(experts=self.E, k=self.K, n=self.N, rows=m * self.E, bits=self.bits,
+                       group_size=self.group_size, mode=self.mode, dtype=self.dtype, m=float(m))
+
+
+@dataclass
+class TuneReport:
+    tables: list = field(default_factory=list)  # tables.Table, one per shape
+    paths: list[Path] = field(default_factory=list)
+    buckets: dict = field(default_factory=dict)  # (E,K,N) -> list[BucketResult]
+    measured: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    def rows(self) -> list[dict]:
+        """Every candidate of every bucket as sweep-style rows (for heatmaps and reports)."""
+        out = []
+        for (E, K, N), brs in self.buckets.items():
+            for br in brs:
+                for r in ([br.stock] if br.stock else []) + br.results:
+                    kernel = r.family
+                    out.append(dict(kernel=kernel, config=r.config_id, m=br.m, experts=E, k=K, n=N,
+                                    time_us=r.time_us, time_us_p10=r.time_us_p10, time_us_p90=r.time_us_p90,
+                                    gbps=r.gbps, iters=r.iters, status=r.status, error=r.error,
+                                    chosen=br.best is r, message=r.message))
+        return out
+
+
+def tune(
+    shapes: Shape | Sequence[Shape],
+    ms: Iterable[int] = (1, 2, 4, 8, 16, 32, 64),
+    *,
+    families: Sequence[str] | Sequence[Any] | None = None,
+    backend=None,
+    budget: Budget | str | int | None = None,
+    iters: int = 30,
+    router: str = "balanced",
+    seed: int = 0,
+    table_dir: str | os.PathLike | None = None,
+    write: bool = True,
+    cache: Cache | str | os.PathLike | None = "default",
+    bench: Bench | None = None,
+    stock: bool = True,
+    log: Callable[[str], None] | None = None,
+    meta: dict | None = None,
+) -> TuneReport:
+    """Tune every (shape, m) and write one table per shape (to the user table dir unless
+    `table_dir`). `families` are names (`qmv`, `tuned.qmm`) or SweepKernel-like objects."""
+    from . import tables
+    from .backend import get_backend
+
+    b = get_backend(backend)
+    bench = bench or Bench(b.name)
+    budget = Budget.parse(budget)
+    if not isinstance(cache, Cache):
+        cache = Cache(default_cache_path() if cache == "default" else cache)
+    if isinstance(shapes, Shape):
+        shapes = [shapes]
+    ms = sorted({int(m) for m in ms})
+    if not ms or ms[0] < 1:
+        raise ValueError(f"m buckets must be >= 1 (got {ms})")
+    if families and not all(isinstance(f, str) for f in families):
+        kernels = list(families)
+    else:
+        kernels = bench.kernels(families)
+    if not kernels:
+        raise ValueError("no kernel family to tune (none registered for this build)")
+    stock_kernel = bench.stock() if stock else None
+    report = TuneReport()
+    t0 = time.perf_counter()
+    for shape in shapes:
+        brs = []
+        for m in ms:
+            point = Point(bench, shape.problem(m), m, shape.top_k, router, seed, b)
+            br = tune_bucket(point, kernels, stock_kernel, budget=budget, cache=cache, bench=bench, iters=iters,
+                             seed=seed, log=log)
+            brs.append(br)
+            report.measured += br.measured
+            report.cached += br.cached
+            if log:
+                log(_bucket_line(shape, br))
+        report.buckets[(shape.E, shape.K, shape.N)] = brs
+        table = tables.Table(
+            backend=b.name, device=bench.device_name(), mode=shape.mode, bits=shape.bits,
+            group_size=shape.group_size, dtype=shape.dtype, E=shape.E, K=shape.K, N=shape.N,
+            mlx_version=bench.mlx_version(),
+            buckets=[_bucket(br) for br in brs if br.best is not None],
+            meta=dict(
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                package_version=_package_version(), top_k=shape.top_k, router=router, seed=seed, iters=iters,
+                budget={"configs": budget.configs, "seconds": budget.seconds},
+                candidates={str(br.m): _counts(br) for br in brs},
+                **(meta or {}),
+            ),
+        )
+        report.tables.append(table)
+        if write and table.buckets:
+            report.paths.append(tables.write_table(table, tables.user_dir(table_dir)))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _bucket(br: BucketResult):
+    from .tables import Bucket
+
+    name = br.best.family
+    name = name[len("tuned."):] if name.startswith("tuned.") else name
+    stock = br.stock.gbps if br.stock is not None and br.stock.status == "ok" else None
+    return Bucket(m=br.m, family=name, config=dict(br.best.config) if br.best.config else None,
+                  gbps=_r(br.best.gbps), time_us=_r(br.best.time_us), stock_gbps=_r(stock),
+                  speedup=_r(br.best.gbps / stock) if stock and br.best.gbps else None)
+
+
+def _r(x, nd=3):
+    return None if x is None else round(float(x), nd)
+
+
+def _counts(br: BucketResult) -> dict:
+    out: dict[str, int] = {}
+    for r in br.results:
+        out[r.status] = out.get(r.status, 0) + 1
+    return out
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _bucket_line(shape: Shape, br: BucketResult) -> str:
+    c = _counts(br)
+    counts = " ".join(f"{k}={v}" for k, v in sorted(c.items()))
+    if br.best is None:
+        return f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: no valid candidate ({counts})"
+    stock = f"{br.stock.gbps:.0f}" if br.stock is not None and br.stock.gbps else "-"
+    return (f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: {br.best.family} {br.best.config_id} "
+            f"{br.best.gbps or 0:.0f} GB/s (stock {stock}) [{counts}; measured {br.measured}, cached {br.cached}, "
+            f"{br.seconds:.1f}s]")
