@@ -409,17 +409,20 @@ def _valid(family: str, config, problem, b) -> bool:
         return False
 
 
-def heuristic(problem, backend=None, *, m: float | None = None, table_dir=None) -> Choice | None:
+def heuristic(problem, backend=None, *, m: float | None = None, table_dir=None,
+              pool: Iterable[Table] | None = None) -> Choice | None:
     """A choice for an unseen (shape, device): borrow the nearest tuned table's choice when it is
-    valid here, else fall back to a rule. Both are measured against tuned choices on held-back
-    shapes by the tuner tests / report (see `heuristic_gap`)."""
+    valid here, else fall back to a rule. `pool` replaces the table directories (the tuner's
+    held-back evaluation passes every table but the one being predicted; see
+    tune.heuristic_gap)."""
     from .backend import get_backend
 
     b = get_backend(backend)
     mm = float(m) if m is not None else estimate_m(problem)
     fmt = (problem.mode, int(problem.bits), int(problem.group_size), str(problem.dtype))
     dev = device_name(b.name)
-    cands = [t for t in _all_tables(table_dir) if t.backend == b.name and (t.mode, t.bits, t.group_size, t.dtype) == fmt]
+    pool = _all_tables(table_dir) if pool is None else pool
+    cands = [t for t in pool if t.backend == b.name and (t.mode, t.bits, t.group_size, t.dtype) == fmt]
     # same device before other devices of the same backend; then the nearest shape
     cands.sort(key=lambda t: (t.device != dev, _shape_distance(t, problem)))
     for t in cands:

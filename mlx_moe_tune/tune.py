@@ -629,3 +629,92 @@ def _bucket_line(shape: Shape, br: BucketResult) -> str:
     return (f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: {br.best.family} {br.best.config_id} "
             f"{br.best.gbps or 0:.0f} GB/s (stock {stock}) [{counts}; measured {br.measured}, cached {br.cached}, "
             f"{br.seconds:.1f}s]")
+
+
+# --- after a tune: does the table reproduce, and how good is the heuristic? -----------------
+
+
+def _kernel_for(bench, family: str, kernels: Sequence | None = None):
+    for k in kernels or ():
+        if k.name in (family, f"tuned.{family}"):
+            return k
+    return bench.kernels([family])[0]
+
+
+def _measure_choice(point: Point, kernel, config, cache: Cache, bench, iters: int) -> Result:
+    s = Search(point, cache, bench, iters)
+    c = Candidate(kernel, config)
+    v = s.verify(c)
+    if v["status"] != "ok":
+        return Result(c.family, config, v["status"], v.get("error"), message=v.get("message", ""))
+    t = s.time(c, iters)
+    return Result(c.family, config, t["status"], v.get("error"), t.get("time_us"), t.get("time_us_p10"),
+                  t.get("time_us_p90"), iters, t.get("gbps"), t.get("message", ""))
+
+
+def recheck(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench: Bench | None = None,
+            kernels: Sequence | None = None, iters: int = 30, router: str = "balanced", seed: int = 1,
+            log=None) -> list[dict]:
+    """Re-measure every table's chosen configs from scratch (fresh inputs: another seed, no
+    cache) and compare with the GB/s the table recorded. `ratio` = rerun / recorded."""
+    from .backend import get_backend
+
+    b = get_backend(backend)
+    bench = bench or Bench(b.name)
+    by_shape = {(s.E, s.K, s.N): s for s in shapes}
+    rows = []
+    for t in report.tables:
+        shape = by_shape[(t.E, t.K, t.N)]
+        for bk in t.buckets:
+            point = Point(bench, shape.problem(bk.m), bk.m, shape.top_k, router, seed, b)
+            r = _measure_choice(point, _kernel_for(bench, bk.family, kernels), bk.config, Cache(None), bench, iters)
+            ratio = r.gbps / bk.gbps if r.gbps and bk.gbps else None
+            rows.append(dict(E=t.E, K=t.K, N=t.N, m=bk.m, family=bk.family, config=r.config_id,
+                             recorded_gbps=bk.gbps, rerun_gbps=_r(r.gbps), ratio=_r(ratio, 4), status=r.status,
+                             within_10pct=ratio is not None and abs(ratio - 1) <= 0.10))
+            if log:
+                log(f"recheck E={t.E} K={t.K} N={t.N} m={bk.m} {bk.family} {r.config_id}: recorded "
+                    f"{bk.gbps} GB/s, rerun {_r(r.gbps)} GB/s ({r.status})")
+    return rows
+
+
+def heuristic_gap(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench: Bench | None = None,
+                  kernels: Sequence | None = None, cache: Cache | None = None, iters: int = 30,
+                  router: str = "balanced", seed: int = 0, log=None) -> list[dict]:
+    """Hold each tuned shape back in turn, ask `tables.heuristic` (fed every other table) and
+    `tables.rule` (no table) for a choice, measure both on the held-back shape and compare with
+    the tuned choice. `gap` = 1 - heuristic GB/s / tuned GB/s (0 = as good as tuning)."""
+    from . import tables as tb
+    from .backend import get_backend
+
+    b = get_backend(backend)
+    bench = bench or Bench(b.name)
+    cache = cache or Cache(None)
+    by_shape = {(s.E, s.K, s.N): s for s in shapes}
+    rows = []
+    for t in report.tables:
+        shape = by_shape[(t.E, t.K, t.N)]
+        pool = [o for o in report.tables if o is not t]
+        for bk in t.buckets:
+            problem = shape.problem(bk.m)
+            point = Point(bench, problem, bk.m, shape.top_k, router, seed, b)
+            row = dict(E=t.E, K=t.K, N=t.N, m=bk.m, tuned_family=bk.family, tuned_config=_cid(bk.config),
+                       tuned_gbps=bk.gbps)
+            for name, choice in (("heuristic", tb.heuristic(problem, b, m=bk.m, pool=pool)),
+                                 ("rule", tb.rule(problem, b, m=bk.m))):
+                if choice is None:
+                    row.update({f"{name}_source": None, f"{name}_gbps": None, f"{name}_gap": None})
+                    continue
+                r = _measure_choice(point, _kernel_for(bench, choice.family, kernels), choice.config, cache, bench,
+                                    iters)
+                row.update({f"{name}_source": choice.source, f"{name}_family": choice.family,
+                            f"{name}_config": _cid(choice.config), f"{name}_gbps": _r(r.gbps),
+                            f"{name}_gap": _r(1 - r.gbps / bk.gbps, 4) if r.gbps and bk.gbps else None})
+            rows.append(row)
+            if log:
+                log("gap " + " ".join(f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
+def _cid(config) -> str:
+    return config_id(config) if config else ""

@@ -269,3 +269,60 @@ def test_family_names_and_errors(tmp_path):
     assert tune.Budget.parse("12") == tune.Budget(configs=12)
     with pytest.raises(ValueError, match="m buckets"):
         run(tmp_path, [FakeKernel()], ms=(0, 1))
+
+
+def test_recheck_reproduces_recorded_gbps(tmp_path):
+    bench = FakeBench()
+    rep, _ = run(tmp_path, [FakeKernel()], bench=bench)
+    rows = tune.recheck(rep, [SHAPE], backend=EMULATOR_CUDA, bench=bench, kernels=[FakeKernel()], iters=9)
+    assert [r["m"] for r in rows] == [1, 4]
+    assert all(r["within_10pct"] and r["ratio"] == pytest.approx(1.0) for r in rows)
+
+    class Slower(FakeBench):  # the rerun finds the kernel 2x slower: the check must say so
+        def time(self, fn, iters):
+            t = super().time(fn, iters)
+            return tuple(2 * x for x in t)
+
+    rows = tune.recheck(rep, [SHAPE], backend=EMULATOR_CUDA, bench=Slower(), kernels=[FakeKernel()], iters=9)
+    assert all(not r["within_10pct"] and r["ratio"] == pytest.approx(0.5) for r in rows)
+
+
+class CostByN(FakeBench):
+    """Cost model where the best R depends on N: R == N // 32 is fastest (1.0), others cost R+1."""
+
+    def time(self, fn, iters):
+        mx.eval(fn())
+        self.timed.append((fn.cost, iters))
+        c = 1.0 if fn.cost == self.n // 32 else fn.cost + 1
+        return (c, c, c)
+
+    def prepare(self, problem, m, top_k, router, seed, backend):
+        self.n = problem.n
+        return super().prepare(problem, m, top_k, router, seed, backend)
+
+
+def test_heuristic_gap_on_held_back_shapes(tmp_path, monkeypatch):
+    """Three shapes; each held back in turn, the heuristic borrows the nearest other shape's
+    choice. The gap is computed from measurements of that borrowed choice on the held-back shape."""
+
+    class Fam:
+        def check(self, problem, config, backend):
+            return None
+
+    monkeypatch.setattr(tables, "_families", lambda: {"fake": Fam()})
+    shapes = [tune.Shape(E=4, K=128, N=n, top_k=2) for n in (32, 64, 128)]
+    bench = CostByN()
+    k = FakeKernel(rs=(1, 2, 3, 4), planted=False)
+    cache = tune.Cache(tmp_path / "c.jsonl")
+    rep = tune.tune(shapes, ms=(1,), families=[k], backend=EMULATOR_CUDA, bench=bench, cache=cache,
+                    table_dir=tmp_path / "t", iters=9)
+    assert [t.buckets[0].config["R"] for t in rep.tables] == [1, 2, 4]
+    rows = tune.heuristic_gap(rep, shapes, backend=EMULATOR_CUDA, bench=bench, kernels=[k], cache=cache, iters=9)
+    by_n = {r["N"]: r for r in rows}
+    # N=32 borrows from N=64 (R=2 costs 3 on N=32 -> gap 2/3); N=64 from N=32 or 128 (tie in log
+    # distance: the first in the pool, N=32, R=1 costs 2 -> gap 1/2); N=128 from N=64 (R=2 costs 3)
+    assert by_n[32]["heuristic_config"] == "R2" and by_n[32]["heuristic_gap"] == pytest.approx(2 / 3, abs=1e-3)
+    assert by_n[64]["heuristic_gap"] == pytest.approx(0.5, abs=1e-3)
+    assert by_n[128]["heuristic_config"] == "R2" and by_n[128]["heuristic_gap"] == pytest.approx(2 / 3, abs=1e-3)
+    assert all(r["heuristic_source"] == "heuristic:nearest-shape" for r in rows)
+    assert all(r["rule_gap"] is None for r in rows)  # the rule knows only qmv/qmm
