@@ -718,3 +718,98 @@ def heuristic_gap(report: TuneReport, shapes: Sequence[Shape], *, backend=None, 
 
 def _cid(config) -> str:
     return config_id(config) if config else ""
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a sweep preset (sweeps/NAME.toml): its shapes and format")
+    p.add_argument("--shape", help="E,K,N,TOPK instead of a preset")
+    p.add_argument("--m", default="1..64x2", help="m buckets (rows per expert): 1..64x2 (powers of two), 1..8, 1,3,16")
+    p.add_argument("--mode", default=None)
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--budget", default=None,
+                   help=f"per m bucket: N configs or Ns seconds (default: exhaustive up to {DEFAULT_CONFIG_BUDGET} configs)")
+    p.add_argument("--families", default=None, help="comma-separated kernel families (default: all gather_qmm families)")
+    p.add_argument("--backend", default=None, help="metal, cuda, emulator-metal or emulator-cuda (default: the GPU, else emulator)")
+    p.add_argument("--table", default=None, help="directory the tables are written to (default: $MLX_MOE_TUNE_TABLES or ~/.cache/mlx-moe-tune/tables)")
+    p.add_argument("--cache", default=None, help="measurement cache, JSONL (default: ~/.cache/mlx-moe-tune/tune-cache.jsonl)")
+    p.add_argument("--no-cache", action="store_true", help="measure everything again and record nothing")
+    p.add_argument("--iters", type=int, default=None, help="timing iterations at the last rung (default 30 on a GPU, 3 emulated)")
+    p.add_argument("--router", default="balanced")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recheck", action="store_true", help="after tuning, re-measure the chosen configs from scratch")
+    p.add_argument("--heuristic-gap", action="store_true",
+                   help="after tuning, measure the untuned heuristic's choice on each shape held back")
+    p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), recheck.json, gap.json")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def shapes_from_args(args) -> list[Shape]:
+    fmt = {k: v for k, v in (("mode", args.mode), ("bits", args.bits), ("group_size", args.group_size),
+                             ("dtype", args.dtype)) if v is not None}
+    if args.shape:
+        try:
+            E, K, N, top_k = (int(v) for v in args.shape.split(","))
+        except ValueError:
+            raise ValueError(f"bad --shape {args.shape!r}: expected E,K,N,TOPK (four integers)") from None
+        if min(E, K, N, top_k) < 1 or top_k > E:
+            raise ValueError(f"bad --shape {args.shape!r}: sizes must be >= 1 and TOPK <= E")
+        return [Shape(E, K, N, top_k, **fmt)]
+    from . import presets
+
+    preset = presets.load(args.preset) if args.preset else presets.load(presets.default_name())
+    return [Shape(**{**s, **fmt}) for s in presets.tune_shapes(preset)]
+
+
+def run(args) -> int:
+    from . import sweep
+    from .backend import get_backend
+
+    b = get_backend(args.backend)
+    shapes = shapes_from_args(args)
+    ms = sweep.parse_m(args.m)
+    iters = args.iters or (3 if b.emulated else 30)
+    if iters < 1:
+        raise ValueError(f"--iters must be >= 1 (got {iters})")
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    cache = Cache(None) if args.no_cache else Cache(args.cache or default_cache_path())
+    log = None if args.quiet else (lambda s: print(s, flush=True))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(b.name)
+    rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
+               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log)
+    for p in rep.paths:
+        print(f"wrote {p}")
+    print(f"{rep.measured} measurements, {rep.cached} from the cache, {rep.seconds:.1f} s")
+    if out is not None:
+        _write_csv(out / "tune.csv", rep.rows(), extra=dict(backend=b.name, device=bench.device_name()))
+    failed = False
+    if args.recheck:
+        rows = recheck(rep, shapes, backend=b, bench=bench, iters=iters, router=args.router, seed=args.seed + 1, log=log)
+        ok = sum(r["within_10pct"] for r in rows)
+        print(f"recheck: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
+        failed |= ok < len(rows)
+        if out is not None:
+            (out / "recheck.json").write_text(json.dumps(rows, indent=1))
+    if args.heuristic_gap:
+        rows = heuristic_gap(rep, shapes, backend=b, bench=bench, cache=cache, iters=iters, router=args.router,
+                             seed=args.seed, log=log)
+        gaps = [r["heuristic_gap"] for r in rows if r.get("heuristic_gap") is not None]
+        if gaps:
+            print(f"heuristic gap on held-back shapes: mean {np.mean(gaps):.1%}, worst {max(gaps):.1%}")
+        if out is not None:
+            (out / "gap.json").write_text(json.dumps(rows, indent=1))
+    return 1 if failed else 0
+
+
+def _write_csv(path: Path, rows: list[dict], extra: dict) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame([{**r, **extra} for r in rows])
+    df.to_csv(path, index=False)
