@@ -479,7 +479,7 @@ class Bench:
 # --- the whole tune -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shape:
     E: int
     K: int
@@ -500,6 +500,7 @@ class TuneReport:
     tables: list = field(default_factory=list)  # tables.Table, one per shape
     paths: list[Path] = field(default_factory=list)
     buckets: dict = field(default_factory=dict)  # (E,K,N) -> list[BucketResult]
+    shapes: dict = field(default_factory=dict)  # Shape -> list[BucketResult]
     measured: int = 0
     cached: int = 0
     seconds: float = 0.0
@@ -507,11 +508,12 @@ class TuneReport:
     def rows(self) -> list[dict]:
         """Every candidate of every bucket as sweep-style rows (for heatmaps and reports)."""
         out = []
-        for (E, K, N), brs in self.buckets.items():
+        for shape, brs in self.shapes.items():
             for br in brs:
                 for r in ([br.stock] if br.stock else []) + br.results:
-                    kernel = r.family
-                    out.append(dict(kernel=kernel, config=r.config_id, m=br.m, experts=E, k=K, n=N,
+                    out.append(dict(kernel=r.family, config=r.config_id, m=br.m, tokens=br.m * shape.E // shape.top_k,
+                                    experts=shape.E, top_k=shape.top_k, k=shape.K, n=shape.N, mode=shape.mode,
+                                    bits=shape.bits, group_size=shape.group_size, dtype=shape.dtype,
                                     time_us=r.time_us, time_us_p10=r.time_us_p10, time_us_p90=r.time_us_p90,
                                     gbps=r.gbps, iters=r.iters, status=r.status, error=r.error,
                                     chosen=br.best is r, message=r.message))
@@ -572,6 +574,7 @@ def tune(
             if log:
                 log(_bucket_line(shape, br))
         report.buckets[(shape.E, shape.K, shape.N)] = brs
+        report.shapes[shape] = brs
         table = tables.Table(
             backend=b.name, device=bench.device_name(), mode=shape.mode, bits=shape.bits,
             group_size=shape.group_size, dtype=shape.dtype, E=shape.E, K=shape.K, N=shape.N,
