@@ -19,6 +19,12 @@ inline float unpack_q(uint word, int i) {
   return float((word >> (BITS * i)) & ((1u << BITS) - 1u));
 }
 
+// 2^-(BITS*i): undoes the bit position of value i of a 16-bit half-word (see qmv_impl).
+template <int BITS>
+inline float half_word_scale(int i) {
+  return 1.0f / float(1u << (BITS * i));
+}
+
 // ---------------------------------------------------------------------------------------------
 // qmv: no-reuse gather matvec (decode). See metal/qmv.metal for the tiling.
 // ---------------------------------------------------------------------------------------------
@@ -34,6 +40,7 @@ inline void qmv_impl(
   constexpr int KW = K / PF;     // words per weight row
   constexpr int KG = K / GS;     // groups per weight row
   constexpr int STEP = 32 * VPT; // K values one simdgroup covers per step
+  constexpr int HALF = PF / 2;   // values per 16-bit half-word
 
   const int p0 = int(pair_block) * PR;
   const int n0 = int(n_block) * (SG * RPS) + int(sgid) * RPS;
@@ -65,8 +72,12 @@ inline void qmv_impl(
     for (int j = 0; j < PR; j++) {
       xs[j] = 0.0f;
       for (int i = 0; i < VPT; i++) {
-        xv[j][i] = live[j] ? static_cast<float>(x[size_t(xr[j]) * K + k + i]) : 0.0f;
-        xs[j] += xv[j][i];
+        const float v = live[j] ? static_cast<float>(x[size_t(xr[j]) * K + k + i]) : 0.0f;
+        xs[j] += v;
+        // Pre-divide by the bit position the value's q keeps inside its 16-bit half-word, so
+        // the dot product below needs a mask but no shift (MLX's load_vector/qdot trick; the
+        // scale is a power of two, so this is exact).
+        xv[j][i] = v * half_word_scale<BITS>(i % HALF);
       }
     }
     const int g = k / GS;
@@ -95,8 +106,12 @@ inline void qmv_impl(
         }
         float d = 0.0f;
         for (int t = 0; t < WPT; t++) {
-          for (int i = 0; i < PF; i++) {
-            d += xv[j][t * PF + i] * unpack_q<BITS>(wq[t], i);
+          const uint lo = wq[t] & 0xffffu;
+          const uint hi = wq[t] >> 16;
+          for (int i = 0; i < HALF; i++) {
+            const uint mask = ((1u << BITS) - 1u) << (BITS * i);
+            d += xv[j][t * PF + i] * float(lo & mask);
+            d += xv[j][t * PF + HALF + i] * float(hi & mask);
           }
         }
         // sum_i x_i * (s*q_i + b) = s * sum_i x_i q_i + b * sum_i x_i
