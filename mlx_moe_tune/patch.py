@@ -1,0 +1,209 @@
+"""Swap our gather_qmm kernels into mlx-lm MoE models.
+
+`patch_model(model)` replaces, wherever it finds them:
+- `SwitchGLU` blocks whose projections are `QuantizedSwitchLinear` -> `TunedSwitchGLU`: routes once
+  per call (one `plan` shared by gate, up and down), never gathers or unsorts x on the host side
+  of the kernels (the expert-major kernels read and write rows in token order), and with the
+  default SwiGLU activation runs gate+up as one fused kernel;
+- every other `QuantizedSwitchLinear` (e.g. inside `SwitchMLP`) -> `TunedSwitchLinear`, same call
+  signature `(x, indices, sorted_indices=False)`.
+Replacements subclass the mlx-lm classes and hold the very same arrays under the same names
+(`weight`, `scales`, `biases`, `bias`, `global_scale`), so `load_weights`, `save_weights` and
+`isinstance` checks behave as before. Formats our kernels do not cover (e.g. mxfp4, 3-bit, a
+per-expert nvfp4 global scale) stay on `mx.gather_qmm`; `unpatch(model)` restores the stock
+classes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
+
+
+def _ops():
+    from . import ops  # imported lazily: it pulls in the kernel registry
+
+    return ops
+
+
+def _rebuild(cls, src: nn.Module) -> nn.Module:
+    """A `cls` instance holding src's children, arrays and plain attributes (no re-init)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in src.items():
+        dict.__setitem__(new, k, v)
+    new.__dict__.update({k: v for k, v in vars(src).items() if not k.startswith("_mmt_")})
+    return new
+
+
+class TunedSwitchLinear(QuantizedSwitchLinear):
+    """`QuantizedSwitchLinear` whose gather_qmm runs on `mlx_moe_tune.ops.gather_qmm`."""
+
+    @classmethod
+    def from_module(cls, src: QuantizedSwitchLinear, backend=None, table=None) -> "TunedSwitchLinear":
+        new = _rebuild(cls, src)
+        new._mmt_backend = backend
+        new._mmt_table = None if table is None else os.fspath(table)
+        new._mmt_reason = new._unsupported()
+        return new
+
+    def _unsupported(self) -> str | None:
+        """Why our kernels cannot run this layer (it then stays on mx.gather_qmm), or None."""
+        if getattr(self, "global_scale", None) is not None:
+            return "nvfp4 global scale"
+        w, s = self["weight"], self["scales"]
+        x = mx.zeros((1, 1, self.input_dims), dtype=s.dtype if s.dtype != mx.uint8 else mx.bfloat16)
+        try:  # builds the lazy graph only: shape, format and tile checks, no kernel runs
+            _ops().gather_qmm(x, w, s, self.get("biases"), mx.zeros((1,), mx.int32),
+                              group_size=self.group_size, bits=self.bits, mode=self.mode,
+                              backend=self._mmt_backend, validate=False)
+        except Exception as e:  # noqa: BLE001 - any failure keeps this layer on mx.gather_qmm
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    @property
+    def tuned(self) -> bool:
+        return self._mmt_reason is None
+
+    def _choice(self, x: mx.array, indices: mx.array) -> dict[str, Any]:
+        """family/config from the table directory given to patch_model, if it has this shape."""
+        if self._mmt_table is None:
+            return {}
+        from . import tables
+        from .kernels.common import dtype_name
+        from .kernels.family import Problem
+
+        E, N = self["weight"].shape[:2]
+        problem = Problem(experts=E, k=self.input_dims, n=N, rows=indices.size, bits=self.bits,
+                          group_size=self.group_size, mode=self.mode, dtype=dtype_name(x.dtype))
+        top_k = indices.shape[-1] if indices.ndim > 1 else None
+        hit = tables.lookup(problem, self._mmt_backend, table_dir=self._mmt_table, top_k=top_k,
+                            heuristic_fallback=False)
+        return {} if hit is None or hit[1] is None else {"family": hit[0], "config": hit[1]}
+
+    def __call__(self, x, indices, sorted_indices=False, plan=None):
+        if self._mmt_reason is not None:
+            return super().__call__(x, indices, sorted_indices=sorted_indices)
+        try:
+            y = _ops().gather_qmm(
+                x, self["weight"], self["scales"], self.get("biases"), indices,
+                group_size=self.group_size, bits=self.bits, mode=self.mode,
+                sorted_indices=sorted_indices, plan=plan, backend=self._mmt_backend,
+                validate=False,  # no host sync per layer; the kernels never read out of bounds
+                **self._choice(x, indices),
+            )
+        except ValueError as e:  # this call's shape/dtype is outside the kernels: stock path
+            self._mmt_fallback = str(e)
+            return super().__call__(x, indices, sorted_indices=sorted_indices)
+        if "bias" in self:
+            y = y + mx.expand_dims(self["bias"][indices], -2)
+        return y
+
+
+class TunedSwitchGLU(SwitchGLU):
+    """`SwitchGLU` on our kernels: one routing plan for gate, up and down; no x gather/unsort.
+
+    mlx-lm sorts x by expert above 64 pairs and unsorts the result; the expert-major kernels
+    do that inside (they read x row order[i] and write y row order[i]), so x stays in token
+    order: gate/up see x (..., 1, 1, D) against indices (..., k), down sees (..., k, 1, H).
+    """
+
+    @classmethod
+    def from_module(cls, src: SwitchGLU, backend=None, table=None, fuse: bool = True) -> "TunedSwitchGLU":
+        new = _rebuild(cls, src)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            proj = new[name]
+            if isinstance(proj, QuantizedSwitchLinear) and not isinstance(proj, TunedSwitchLinear):
+                dict.__setitem__(new, name, TunedSwitchLinear.from_module(proj, backend, table))
+        g, u = new["gate_proj"], new["up_proj"]
+        # the fused kernel computes silu(gate) * up: only for mlx-lm's plain SwiGLU, no biases
+        new._mmt_fuse = bool(
+            fuse and type(new["activation"]) is SwiGLU and g.tuned and u.tuned
+            and "bias" not in g and "bias" not in u and g._mmt_table is None
+            and (g.group_size, g.bits, g.mode) == (u.group_size, u.bits, u.mode)
+            and hasattr(_ops(), "gather_qmm_glu")
+        )
+        new._mmt_backend = backend
+        return new
+
+    @property
+    def tuned(self) -> bool:
+        return all(self[n].tuned for n in ("gate_proj", "up_proj", "down_proj")
+                   if isinstance(self[n], TunedSwitchLinear))
+
+    def __call__(self, x, indices) -> mx.array:
+        g, u, d = self["gate_proj"], self["up_proj"], self["down_proj"]
+        if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
+            return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
+        from .kernels.plan import make_plan
+
+        xe = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        plan = make_plan(indices, g["weight"].shape[0])  # sorted once, shared by all three
+        h = None
+        if self._mmt_fuse:
+            try:
+                h = _ops().gather_qmm_glu(
+                    xe, g["weight"], g["scales"], g.get("biases"), u["weight"], u["scales"],
+                    u.get("biases"), indices, group_size=g.group_size, bits=g.bits,
+                    mode=g.mode, plan=plan, backend=self._mmt_backend, validate=False)
+            except ValueError as e:  # e.g. no fused tile for this shape: separate kernels
+                self._mmt_fallback = str(e)
+        if h is None:
+            h = self.activation(u(xe, indices, plan=plan), g(xe, indices, plan=plan))
+        return d(h, indices, plan=plan).squeeze(-2)
+
+
+def _named(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if type(m) is cls]
+
+
+def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True) -> int:
+    """Swap our kernels into every MoE layer of an mlx-lm model, in place.
+
+    backend: a `mlx_moe_tune.backend` name or Backend (default: the GPU, else the emulator).
+    table: a tuning-table directory searched before ops' own lookup (user dir, shipped tables).
+    fuse: run gate+up as one fused kernel where the activation is SwiGLU.
+    Returns how many `QuantizedSwitchLinear` projections now run our kernels (layers whose
+    format the kernels do not cover are left on mx.gather_qmm and not counted).
+    """
+    if backend is not None:
+        from .backend import get_backend
+
+        backend = get_backend(backend)  # fail now, not at the first forward
+    swaps = []
+    inside = set()
+    for path, m in _named(model, SwitchGLU):
+        if any(isinstance(m[n], QuantizedSwitchLinear) for n in ("gate_proj", "up_proj", "down_proj")):
+            swaps.append((path, TunedSwitchGLU.from_module(m, backend, table, fuse)))
+            inside.add(path)
+    for path, m in _named(model, QuantizedSwitchLinear):
+        if path.rsplit(".", 1)[0] not in inside:
+            swaps.append((path, TunedSwitchLinear.from_module(m, backend, table)))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return sum(1 for _, m in model.named_modules() if isinstance(m, TunedSwitchLinear) and m.tuned)
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore mlx-lm's classes (same arrays). Returns how many modules were restored."""
+    swaps = [(p, _rebuild(SwitchGLU, m)) for p, m in _named(model, TunedSwitchGLU)]
+    for p, m in swaps:  # its projections too
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            if isinstance(m[n], TunedSwitchLinear):
+                dict.__setitem__(m, n, _rebuild(QuantizedSwitchLinear, m[n]))
+    glu = {p for p, _ in swaps}
+    swaps += [(p, _rebuild(QuantizedSwitchLinear, m)) for p, m in _named(model, TunedSwitchLinear)
+              if p.rsplit(".", 1)[0] not in glu]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def patched_layers(model: nn.Module) -> dict[str, str | None]:
+    """path -> None for projections on our kernels, or why one stayed on mx.gather_qmm."""
+    return {p: m._mmt_reason for p, m in model.named_modules() if isinstance(m, TunedSwitchLinear)}

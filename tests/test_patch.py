@@ -1,0 +1,207 @@
+"""patch.py on tiny random-weight mlx-lm models (offline), patched vs unpatched logits.
+
+Most tests replace `mlx_moe_tune.ops` with a stand-in that computes mx.gather_qmm and records
+what it is called with: they check the patch's own plumbing (layouts, one shared plan, bias,
+fallbacks, unpatch, weight loading) whatever state the kernels are in. `test_real_kernels`
+runs the real op where a backend for it exists here and skips with the reason otherwise.
+"""
+from __future__ import annotations
+
+import types
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchMLP
+
+from mlx_moe_tune import e2e, patch
+
+pytest.importorskip("mlx_moe_tune.kernels.plan", reason="kernels/plan.py (H-cuda) not present")
+
+
+class FakeOps:
+    """mx.gather_qmm with ops' signature; refuses non-affine modes like a format gap would."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _check(self, x, indices, mode, plan):
+        if mode != "affine":
+            raise ValueError(f"mode {mode!r} is not supported (affine only)")
+        if plan is not None:  # the plan must describe exactly this call's pairs
+            flat = np.array(indices).reshape(-1)
+            np.testing.assert_array_equal(np.array(plan.order), np.argsort(flat, kind="stable"))
+            assert plan.pairs == flat.size
+
+    def gather_qmm(self, x, w, scales, biases, indices, *, group_size, bits, mode="affine",
+                   sorted_indices=False, plan=None, backend=None, validate=True, family=None,
+                   config=None, m=None):
+        self._check(x, indices, mode, plan)
+        self.calls.append(("gather_qmm", plan, x.shape))
+        return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True,
+                             group_size=group_size, bits=bits, mode=mode)
+
+    def gather_qmm_glu(self, x, wg, sg, bg, wu, su, bu, indices, *, group_size, bits,
+                       mode="affine", sorted_indices=False, plan=None, backend=None,
+                       validate=True, config=None, m=None):
+        self._check(x, indices, mode, plan)
+        self.calls.append(("gather_qmm_glu", plan, x.shape))
+        kw = dict(rhs_indices=indices, transpose=True, group_size=group_size, bits=bits)
+        g = mx.gather_qmm(x, wg, sg, bg, **kw).astype(mx.float32)
+        u = mx.gather_qmm(x, wu, su, bu, **kw).astype(mx.float32)
+        return (nn.silu(g) * u).astype(x.dtype)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    f = FakeOps()
+    monkeypatch.setattr(patch, "_ops", lambda: f)
+    return f
+
+
+def _model(model_type="qwen3_moe", layers=2, **kw):
+    return e2e.build_model(e2e.shape_config("tiny", layers=layers, model_type=model_type), **kw)
+
+
+def _logits(model, L, seed=0):
+    toks = mx.random.randint(0, 256, (1, L), key=mx.random.key(seed))
+    return np.array(model(toks).astype(mx.float32))
+
+
+def _assert_close(a, b, tol=0.05):
+    assert a.shape == b.shape
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-6)
+    assert err < tol, f"relative max error {err:.3g}"
+
+
+@pytest.mark.parametrize("model_type,where", [("qwen3_moe", "mlp.switch_mlp"),
+                                              ("mixtral", "block_sparse_moe.switch_mlp")])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_patched_logits_match(fake_ops, model_type, where, fuse):
+    # fused rounds once in float32 where mlx-lm rounds gate and up to bf16: in a 2-layer model
+    # that can flip layer 2's top-k choice, so the fused comparison uses one layer
+    layers = 1 if fuse else 2
+    model = _model(model_type, layers=layers)
+    # L=3: 6 pairs (mlx-lm's unsorted path); L=40: 80 pairs (mlx-lm sorts); k=2
+    ref = {L: _logits(model, L) for L in (1, 3, 40)}
+    params = {k: id(v) for k, v in tree_flatten(model.parameters())}
+    assert patch.patch_model(model, fuse=fuse) == 3 * layers  # gate/up/down per layer
+    glu = model.layers[0]
+    for part in where.split("."):
+        glu = getattr(glu, part)
+    assert type(glu) is patch.TunedSwitchGLU and isinstance(glu, SwitchGLU)
+    assert glu._mmt_fuse is fuse
+    # the same arrays under the same names
+    assert {k: id(v) for k, v in tree_flatten(model.parameters())} == params
+    for L, r in ref.items():
+        fake_ops.calls.clear()
+        _assert_close(_logits(model, L), r, tol=0.05 if fuse else 1e-6)  # bf16 roundings
+        kinds = [c[0] for c in fake_ops.calls]
+        assert kinds == (["gather_qmm_glu", "gather_qmm"] if fuse else ["gather_qmm"] * 3) * layers
+        # one plan per layer, shared by its projections
+        plans = [c[1] for c in fake_ops.calls]
+        per_layer = len(plans) // layers
+        assert None not in plans
+        firsts = plans[::per_layer]
+        assert all(p is firsts[i // per_layer] for i, p in enumerate(plans))
+        assert len({id(p) for p in firsts}) == layers
+
+
+def test_unsupported_format_stays_stock(fake_ops):
+    model = _model(mode="mxfp4", group_size=32)
+    ref = _logits(model, 5)
+    assert patch.patch_model(model) == 0
+    reasons = patch.patched_layers(model)
+    assert len(reasons) == 6 and all("mxfp4" in r for r in reasons.values())
+    np.testing.assert_array_equal(_logits(model, 5), ref)  # exactly mlx-lm's path
+    assert fake_ops.calls == []
+
+
+def test_unpatch_restores_stock_classes(fake_ops):
+    model = _model()
+    ref = _logits(model, 40)
+    patch.patch_model(model)
+    assert patch.unpatch(model) == 2
+    kinds = {type(m) for _, m in model.named_modules()}
+    assert patch.TunedSwitchGLU not in kinds and patch.TunedSwitchLinear not in kinds
+    assert SwitchGLU in kinds and QuantizedSwitchLinear in kinds
+    np.testing.assert_array_equal(_logits(model, 40), ref)
+    assert patch.patch_model(model) == 6  # and it can be patched again
+
+
+def test_load_weights_into_patched_model(fake_ops):
+    src = _model(seed=1)
+    dst = _model(seed=2)
+    patch.patch_model(dst, fuse=False)
+    dst.load_weights(tree_flatten(src.parameters()), strict=True)
+    _assert_close(_logits(dst, 40), _logits(src, 40), tol=1e-6)
+
+
+class _MLPBlock(nn.Module):
+    """A SwitchMLP with per-expert bias (phixtral-like), routed by a fixed top-2 gate."""
+
+    def __init__(self, D=64, H=128, E=4):
+        super().__init__()
+        self.gate = nn.Linear(D, E)
+        self.switch_mlp = SwitchMLP(D, H, E, bias=True)
+
+    def __call__(self, x):
+        idx = mx.argpartition(-self.gate(x), kth=1, axis=-1)[..., :2]
+        return self.switch_mlp(x, mx.stop_gradient(idx)).sum(-2)
+
+
+def test_switch_mlp_with_bias(fake_ops):
+    mx.random.seed(3)
+    block = _MLPBlock()
+    block.switch_mlp.fc1.bias = mx.random.normal(block.switch_mlp.fc1.bias.shape)
+    block.switch_mlp.fc2.bias = mx.random.normal(block.switch_mlp.fc2.bias.shape)
+    nn.quantize(block, group_size=64, bits=4, class_predicate=lambda p, m: p.startswith("switch") and hasattr(m, "to_quantized"))
+    x = mx.random.normal((1, 40, 64))
+    ref = np.array(block(x))
+    assert patch.patch_model(block) == 2
+    fake_ops.calls.clear()  # patching probes the op once per layer
+    assert type(block.switch_mlp.fc1) is patch.TunedSwitchLinear
+    assert "bias" in block.switch_mlp.fc1
+    _assert_close(np.array(block(x)), ref, tol=1e-6)
+    assert len(fake_ops.calls) == 2
+
+
+def test_runtime_value_error_falls_back(fake_ops, monkeypatch):
+    model = _model()
+    ref = _logits(model, 3)
+    patch.patch_model(model, fuse=False)
+
+    def refuse(*a, **k):
+        raise ValueError("no tile for this shape")
+
+    monkeypatch.setattr(fake_ops, "gather_qmm", refuse)
+    _assert_close(_logits(model, 3), ref, tol=1e-6)
+    assert model.layers[0].mlp.switch_mlp.up_proj._mmt_fallback == "no tile for this shape"
+
+
+def test_e2e_compare_smoke(fake_ops):
+    model = _model(layers=1)
+    res = e2e.compare(model, prompt=16, gen=2, iters=1)
+    assert res["patched_layers"] == 3 and not res["unpatched_reasons"]
+    for side in ("stock", "patched"):
+        assert res[side]["prefill_tps"] > 0 and res[side]["decode_tps"] > 0
+    assert res["max_logit_diff"] < 0.5
+    assert type(model.layers[0].mlp.switch_mlp) is SwitchGLU  # unpatched again
+
+
+def test_real_kernels():
+    """The real op: on a GPU if there is one, else the CPU emulator (CUDA dialect)."""
+    ops = pytest.importorskip("mlx_moe_tune.ops", reason="mlx_moe_tune.ops (H-cuda) not present")
+    from mlx_moe_tune.backend import gpu_backend
+
+    backend = None if gpu_backend() else "emulator-cuda"
+    model = _model(layers=1)
+    ref = {L: _logits(model, L) for L in (1, 40)}
+    n = patch.patch_model(model, backend=backend)
+    if n == 0:
+        pytest.skip(f"kernels cannot run here: {next(iter(patch.patched_layers(model).values()))}")
+    assert isinstance(ops, types.ModuleType) and n == 3
+    for L, r in ref.items():
+        _assert_close(_logits(model, L), r, tol=0.05)
