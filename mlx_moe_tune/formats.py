@@ -2,10 +2,14 @@
 
 Modes (defaults in parentheses, as `mx.quantize`):
 - affine: bits 1,2,3,4,5,6,8 (4), group size 32,64,128 (64); `w = scale*q + bias`,
-  scales may be negative; q packed as a little-endian LSB-first bit stream in uint32.
-- mxfp4: E2M1 elements, group 32, E8M0 (uint8) scale.
-- nvfp4: E2M1 elements, group 16, E4M3 (uint8) scale, optional float32 global scale.
-- mxfp8: E4M3 elements (1 byte each), group 32, E8M0 scale.
+  q packed as a little-endian LSB-first bit stream in uint32. Per group the value of larger
+  magnitude (min or max) is the bias and is hit exactly, so scales may be negative; 1-bit
+  uses plain scale = max - min, bias = min.
+- mxfp4: E2M1 elements (nearest, ties toward zero), group 32, E8M0 (uint8) scale
+  2^ceil(log2(absmax/6)) (0.32.4; 0.32.2 rounded instead of ceil).
+- nvfp4: E2M1 elements, group 16, E4M3 (uint8) scale e4m3(absmax/6 * 2688/global_scale),
+  optional float32 global scale (dequantize then returns float32, as MLX does).
+- mxfp8: E4M3 elements (1 byte each), group 32, E8M0 scale 2^ceil(log2(absmax/448)).
 
 `quantize`/`dequantize` replay MLX's CPU arithmetic step by step (each MLX op computes in
 float32 and rounds to its dtype), so results match `mx.quantize`/`mx.dequantize` bit for bit.

@@ -39,7 +39,7 @@ class FakeOps:
                    sorted_indices=False, plan=None, backend=None, validate=True, family=None,
                    config=None, m=None):
         self._check(x, indices, mode, plan)
-        self.calls.append(("gather_qmm", plan, x.shape))
+        self.calls.append(("gather_qmm", plan, x.shape, family, config))
         return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True,
                              group_size=group_size, bits=bits, mode=mode)
 
@@ -179,6 +179,25 @@ def test_runtime_value_error_falls_back(fake_ops, monkeypatch):
     monkeypatch.setattr(fake_ops, "gather_qmm", refuse)
     _assert_close(_logits(model, 3), ref, tol=1e-6)
     assert model.layers[0].mlp.switch_mlp.up_proj._mmt_fallback == "no tile for this shape"
+
+
+def test_table_directory_picks_the_config(fake_ops, tmp_path):
+    from mlx_moe_tune import tables
+    from mlx_moe_tune.backend import get_backend
+
+    b = get_backend(None)
+    cfg = {"BM": 16, "FN": 2, "WN": 4, "WK": 1, "MC": 4}
+    t = tables.Table(backend=b.name, device=tables.device_name(b.name), mode="affine", bits=4,
+                     group_size=64, dtype="bfloat16", E=8, K=64, N=64, mlx_version=mx.__version__,
+                     buckets=[tables.Bucket(m=1, family="qmm", config=cfg)])
+    tables.write_table(t, tmp_path)
+    tables.clear_cache()
+    model = _model(layers=1)  # tiny: gate, up and down are all (E=8, N=64, K=64)
+    ref = _logits(model, 40)
+    assert patch.patch_model(model, table=tmp_path) == 3
+    fake_ops.calls.clear()
+    _assert_close(_logits(model, 40), ref, tol=1e-6)
+    assert [c[3:] for c in fake_ops.calls] == [("qmm", cfg)] * 3
 
 
 def test_e2e_compare_smoke(fake_ops):
