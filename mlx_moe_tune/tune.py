@@ -210,8 +210,10 @@ class Search:
     """The per-bucket search: verify, then time (exhaustive or successive halving), with every
     step going through the cache."""
 
-    def __init__(self, point: Point, cache: Cache, bench, iters: int, log: Callable[[str], None] | None = None):
+    def __init__(self, point: Point, cache: Cache, bench, iters: int, log: Callable[[str], None] | None = None,
+                 retry_errors: bool = False):
         self.point, self.cache, self.bench, self.iters, self.log = point, cache, bench, iters, log
+        self.retry_errors = retry_errors
         self.measured = 0
         self.cached = 0
         self.fns: dict[tuple, Callable] = {}
@@ -229,9 +231,17 @@ class Search:
             self.fns[k] = cand.kernel.build(self.point.case, cand.config)
         return self.fns[k]
 
+    def _cached(self, key: dict) -> dict | None:
+        rec = self.cache.get(key)
+        # an exception may have been the environment's fault (missing backend, out of memory):
+        # it is recorded like any result, and re-tried only when asked
+        if rec is not None and rec.get("status") == "error" and self.retry_errors:
+            return None
+        return rec
+
     def verify(self, cand: Candidate) -> dict:
         key = self._key(cand, "verify")
-        rec = self.cache.get(key)
+        rec = self._cached(key)
         if rec is not None:
             self.cached += 1
             return rec
@@ -256,7 +266,7 @@ class Search:
 
     def time(self, cand: Candidate, iters: int) -> dict:
         key = self._key(cand, "time", iters)
-        rec = self.cache.get(key)
+        rec = self._cached(key)
         if rec is not None:
             self.cached += 1
             return rec
@@ -338,10 +348,10 @@ def rung_iters(iters: int, exhaustive: bool) -> list[int]:
 
 
 def tune_bucket(point: Point, kernels: Sequence, stock, *, budget: Budget, cache: Cache, bench, iters: int,
-                seed: int = 0, log=None) -> BucketResult:
+                seed: int = 0, log=None, retry_errors: bool = False) -> BucketResult:
     t_start = time.perf_counter()
     deadline = t_start + budget.seconds if budget.seconds is not None else None
-    s = Search(point, cache, bench, iters, log)
+    s = Search(point, cache, bench, iters, log, retry_errors)
     cands, size = candidates(point, kernels, budget, seed)
     exhaustive = budget.exhaustive(size)
     results: dict[tuple, Result] = {}
@@ -426,8 +436,19 @@ class Bench:
         return measure.prepare_case(problem, m=m, top_k=top_k, router=router, seed=seed, backend=backend)
 
     def reference(self, case) -> np.ndarray:
+        """(P, N) float64 in the sorted layout's row order. Small problems: the numpy reference
+        (formats.py, exact dequantization); large ones: MLX dequantize + float32 gather_mm
+        (measure.case_reference), which never touches a quantized kernel either."""
         from . import measure
 
+        p = case.problem
+        if p.experts * p.n * p.k <= NUMPY_REFERENCE_MAX_WEIGHTS:
+            from . import formats
+
+            w, sc, b = case.weights(0)
+            y = formats.reference_gather_qmm(case.x_sorted, w, sc, b, case.idx_sorted, group_size=p.group_size,
+                                             bits=p.bits, mode=p.mode)
+            return np.asarray(y, dtype=np.float64).reshape(case.rows, p.n)
         return measure.case_reference(case)
 
     def time(self, fn: Callable, iters: int) -> tuple[float, float, float]:
@@ -456,24 +477,61 @@ class Bench:
         return h.hexdigest()[:12]
 
     def kernels(self, families: Sequence[str] | None):
+        """The sweep's `tuned.<family>` kernels; families the sweep has not registered are
+        wrapped here around `ops.gather_qmm(family=..., config=...)`."""
         from . import sweep
 
-        names = [n for n in sweep.KERNELS if n.startswith("tuned.")]
+        sweep.load_registry()
+        available = {n: k for n, k in sweep.KERNELS.items() if n.startswith("tuned.")}
+        try:
+            from .kernels import registry
+
+            for name in registry.FAMILIES:
+                available.setdefault(f"tuned.{name}", _op_kernel(registry.FAMILIES[name]))
+        except ImportError:
+            pass
         if families:
             want = [f if f.startswith("tuned.") else f"tuned.{f}" for f in families]
-            unknown = [f for f in want if f not in sweep.KERNELS]
+            unknown = [f for f in want if f not in available]
             if unknown:
-                raise ValueError(f"unknown kernel family {', '.join(unknown)}; available: {', '.join(names) or 'none'}")
+                raise ValueError(f"unknown kernel family {', '.join(unknown)}; available: "
+                                 f"{', '.join(sorted(available)) or 'none'}")
             names = want
         else:
-            # the fused gate+up variant is a different op: not a gather_qmm candidate
-            names = [n for n in names if "glu" not in n]
-        return [sweep.KERNELS[n] for n in names]
+            # the fused gate+up variant computes a different op: not a gather_qmm candidate
+            names = sorted(n for n in available if "glu" not in n)
+        return [available[n] for n in names]
 
     def stock(self):
         from . import sweep
 
         return sweep.KERNELS.get("stock.gather_qmm")
+
+
+def _op_kernel(family):
+    """A SweepKernel for one family through `ops.gather_qmm` on mlx-lm's sorted layout."""
+    from . import sweep
+
+    def configs(case):
+        return family.valid_configs(case.problem, case.backend)
+
+    def build(case, config):
+        from . import ops
+        from .kernels.plan import make_plan
+
+        p = case.problem
+        plan = make_plan(case.idx_sorted, p.experts, sorted_indices=True)
+        nxt = case.rotation()
+
+        def fn():
+            w, s, b = nxt()
+            return ops.gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, group_size=p.group_size, bits=p.bits,
+                                  mode=p.mode, sorted_indices=True, family=family.name, config=config, plan=plan,
+                                  backend=case.backend, validate=False)
+
+        return fn
+
+    return sweep.SweepKernel(f"tuned.{family.name}", configs, build, family=family)
 
 
 # --- the whole tune -------------------------------------------------------------------------
@@ -537,6 +595,7 @@ def tune(
     stock: bool = True,
     log: Callable[[str], None] | None = None,
     meta: dict | None = None,
+    retry_errors: bool = False,
 ) -> TuneReport:
     """Tune every (shape, m) and write one table per shape (to the user table dir unless
     `table_dir`). `families` are names (`qmv`, `tuned.qmm`) or SweepKernel-like objects."""
@@ -567,7 +626,7 @@ def tune(
         for m in ms:
             point = Point(bench, shape.problem(m), m, shape.top_k, router, seed, b)
             br = tune_bucket(point, kernels, stock_kernel, budget=budget, cache=cache, bench=bench, iters=iters,
-                             seed=seed, log=log)
+                             seed=seed, log=log, retry_errors=retry_errors)
             brs.append(br)
             report.measured += br.measured
             report.cached += br.cached
@@ -741,6 +800,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", default=None, help="directory the tables are written to (default: $MLX_MOE_TUNE_TABLES or ~/.cache/mlx-moe-tune/tables)")
     p.add_argument("--cache", default=None, help="measurement cache, JSONL (default: ~/.cache/mlx-moe-tune/tune-cache.jsonl)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again and record nothing")
+    p.add_argument("--retry-errors", action="store_true", help="re-try candidates whose cached result is an exception")
     p.add_argument("--iters", type=int, default=None, help="timing iterations at the last rung (default 30 on a GPU, 3 emulated)")
     p.add_argument("--router", default="balanced")
     p.add_argument("--seed", type=int, default=0)
@@ -752,20 +812,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def shapes_from_args(args) -> list[Shape]:
-    fmt = {k: v for k, v in (("mode", args.mode), ("bits", args.bits), ("group_size", args.group_size),
-                             ("dtype", args.dtype)) if v is not None}
-    if args.shape:
-        try:
-            E, K, N, top_k = (int(v) for v in args.shape.split(","))
-        except ValueError:
-            raise ValueError(f"bad --shape {args.shape!r}: expected E,K,N,TOPK (four integers)") from None
-        if min(E, K, N, top_k) < 1 or top_k > E:
-            raise ValueError(f"bad --shape {args.shape!r}: sizes must be >= 1 and TOPK <= E")
-        return [Shape(E, K, N, top_k, **fmt)]
+    """One Shape per weight matrix of the preset (or --shape), format options applied."""
     from . import presets
+    from .backend import gpu_backend
+    from .sweep import check_format, parse_shape
 
-    preset = presets.load(args.preset) if args.preset else presets.load(presets.default_name())
-    return [Shape(**{**s, **fmt}) for s in presets.tune_shapes(preset)]
+    if args.preset and args.shape:
+        raise ValueError("give --preset or --shape, not both")
+    if args.shape:
+        preset = presets.custom(*parse_shape(args.shape))  # E, K, N, TOPK
+    else:
+        preset = presets.load_preset(args.preset or ("gemma-26b-a4b" if gpu_backend() else "tiny"))
+    preset = preset.with_format(args.mode, args.bits, args.group_size, args.dtype)
+    check_format(preset.mode, preset.bits, preset.group_size, preset.dtype)
+    for mt in preset.matrices:
+        if mt.k % preset.group_size:
+            raise ValueError(f"matrix {mt.name}: K={mt.k} is not a multiple of group size {preset.group_size}")
+    return [Shape(preset.experts, mt.k, mt.n, preset.top_k, preset.mode, preset.bits, preset.group_size, preset.dtype)
+            for mt in preset.matrices]
 
 
 def run(args) -> int:
@@ -775,6 +839,11 @@ def run(args) -> int:
     b = get_backend(args.backend)
     shapes = shapes_from_args(args)
     ms = sweep.parse_m(args.m)
+    if args.router == "balanced":
+        for sh in shapes:
+            bad = [m for m in ms if (m * sh.E) % sh.top_k]
+            if bad:
+                raise ValueError(f"--m {bad}: balanced routing needs m*E divisible by top_k (E={sh.E}, top_k={sh.top_k})")
     iters = args.iters or (3 if b.emulated else 30)
     if iters < 1:
         raise ValueError(f"--iters must be >= 1 (got {iters})")
@@ -786,7 +855,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     bench = Bench(b.name)
     rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
-               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log)
+               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log, retry_errors=args.retry_errors)
     for p in rep.paths:
         print(f"wrote {p}")
     print(f"{rep.measured} measurements, {rep.cached} from the cache, {rep.seconds:.1f} s")

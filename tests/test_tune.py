@@ -326,3 +326,13 @@ def test_heuristic_gap_on_held_back_shapes(tmp_path, monkeypatch):
     assert by_n[128]["heuristic_config"] == "R2" and by_n[128]["heuristic_gap"] == pytest.approx(2 / 3, abs=1e-3)
     assert all(r["heuristic_source"] == "heuristic:nearest-shape" for r in rows)
     assert all(r["rule_gap"] is None for r in rows)  # the rule knows only qmv/qmm
+
+
+def test_errors_are_cached_and_retried_on_request(tmp_path):
+    run(tmp_path, [FakeKernel()], ms=(1,))
+    k = FakeKernel()
+    rep, _ = run(tmp_path, [k], ms=(1,))
+    assert rep.measured == 0 and k.built == 0
+    k = FakeKernel()
+    rep, _ = run(tmp_path, [k], ms=(1,), retry_errors=True)
+    assert rep.measured == 1 and k.built == 1  # only the failing candidate runs again
