@@ -143,7 +143,7 @@ def plan(indices: mx.array, experts: int | None = None) -> Plan:
         indices = mx.array(np.asarray(indices))
     if not mx.issubdtype(indices.dtype, mx.integer):
         raise ValueError(f"indices must be integers, got dtype {indices.dtype}")
-    top_k = indices.shape[-1] if indices.ndim else 1
+    top_k = indices.shape[-1] if indices.ndim >= 2 else 1  # (P,): already one pair per row
     flat = indices.reshape(-1).astype(mx.int32)
     P = flat.size
     if experts is None:
