@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -885,3 +886,14 @@ def _write_csv(path: Path, rows: list[dict], extra: dict) -> None:
 
     df = pd.DataFrame([{**r, **extra} for r in rows])
     df.to_csv(path, index=False)
+
+
+class _CallableModule(types.ModuleType):
+    """`mlx_moe_tune.tune(...)` runs `tune()`, while `mlx_moe_tune.tune.Budget` & co. stay this
+    module's (exporting the function under the module's own name would hide the module)."""
+
+    def __call__(self, *args, **kwargs):
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -336,3 +336,12 @@ def test_errors_are_cached_and_retried_on_request(tmp_path):
     k = FakeKernel()
     rep, _ = run(tmp_path, [k], ms=(1,), retry_errors=True)
     assert rep.measured == 1 and k.built == 1  # only the failing candidate runs again
+
+
+def test_package_level_tune_is_callable(tmp_path):
+    import mlx_moe_tune
+
+    rep = mlx_moe_tune.tune(SHAPE, ms=(1,), families=[FakeKernel()], backend=EMULATOR_CUDA, bench=FakeBench(),
+                            cache=None, table_dir=tmp_path, iters=9)
+    assert rep.tables[0].buckets[0].config == {"R": 1}
+    assert mlx_moe_tune.tune.Budget is tune.Budget
