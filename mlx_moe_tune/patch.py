@@ -40,6 +40,9 @@ def _rebuild(cls, src: nn.Module) -> nn.Module:
     return new
 
 
+_PROBED: dict[tuple, str | None] = {}  # (ops module, layer format and shape, backend) -> reason
+
+
 class TunedSwitchLinear(QuantizedSwitchLinear):
     """`QuantizedSwitchLinear` whose gather_qmm runs on `mlx_moe_tune.ops.gather_qmm`."""
 
@@ -55,15 +58,19 @@ class TunedSwitchLinear(QuantizedSwitchLinear):
         """Why our kernels cannot run this layer (it then stays on mx.gather_qmm), or None."""
         if getattr(self, "global_scale", None) is not None:
             return "nvfp4 global scale"
-        w, s = self["weight"], self["scales"]
-        x = mx.zeros((1, 1, self.input_dims), dtype=s.dtype if s.dtype != mx.uint8 else mx.bfloat16)
-        try:  # builds the lazy graph only: shape, format and tile checks, no kernel runs
-            _ops().gather_qmm(x, w, s, self.get("biases"), mx.zeros((1,), mx.int32),
-                              group_size=self.group_size, bits=self.bits, mode=self.mode,
-                              backend=self._mmt_backend, validate=False)
-        except Exception as e:  # noqa: BLE001 - any failure keeps this layer on mx.gather_qmm
-            return f"{type(e).__name__}: {e}"
-        return None
+        w, s, b = self["weight"], self["scales"], self.get("biases")
+        key = (_ops(), tuple(w.shape), s.dtype, b is None, self.group_size, self.bits, self.mode,
+               getattr(self._mmt_backend, "name", self._mmt_backend))
+        if key not in _PROBED:  # one probe per layer shape, not per layer
+            x = mx.zeros((1, 1, self.input_dims), dtype=s.dtype if s.dtype != mx.uint8 else mx.bfloat16)
+            try:  # builds the lazy graph: shape, format and tile checks (no kernel runs on a GPU)
+                _ops().gather_qmm(x, w, s, b, mx.zeros((1,), mx.int32), group_size=self.group_size,
+                                  bits=self.bits, mode=self.mode, backend=self._mmt_backend,
+                                  validate=False)
+                _PROBED[key] = None
+            except Exception as e:  # noqa: BLE001 - any failure keeps this layer on mx.gather_qmm
+                _PROBED[key] = f"{type(e).__name__}: {e}"
+        return _PROBED[key]
 
     @property
     def tuned(self) -> bool:

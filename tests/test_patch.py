@@ -109,6 +109,18 @@ def test_patched_logits_match(fake_ops, model_type, where, fuse):
         assert len({id(p) for p in firsts}) == layers
 
 
+def test_only_moe_layers_are_patched(fake_ops):
+    cfg = e2e.shape_config("tiny", layers=3)
+    cfg["mlp_only_layers"] = [0, 2]  # dense MLPs around one MoE layer (deepseek-like layouts)
+    model = e2e.build_model(cfg)
+    ref = _logits(model, 40)
+    assert patch.patch_model(model, fuse=False) == 3
+    assert [type(layer.mlp).__name__ for layer in model.layers] == \
+        ["MLP", "Qwen3MoeSparseMoeBlock", "MLP"]
+    assert type(model.layers[1].mlp.switch_mlp) is patch.TunedSwitchGLU
+    _assert_close(_logits(model, 40), ref, tol=1e-6)
+
+
 def test_unsupported_format_stays_stock(fake_ops):
     model = _model(mode="mxfp4", group_size=32)
     ref = _logits(model, 5)
