@@ -63,6 +63,33 @@ def test_affine_bit_exact(bits, gs, dtype):
         _same_bits(F.dequantize(*got, group_size=gs, bits=bits, dtype=out), _np(ref_d))
 
 
+@pytest.mark.parametrize("bits", [1, 3, 5, 6])
+@pytest.mark.parametrize("K", [32, 96, 160])
+def test_affine_odd_word_rows(bits, K):
+    """Rows whose bit stream ends mid-word pattern (K*bits/32 odd): packing across rows."""
+    w = _weights((5, K), "bfloat16", seed=K + bits)
+    ref = mx.quantize(w, group_size=32, bits=bits, stream=CPU)
+    got = F.quantize(_np(w), group_size=32, bits=bits)
+    for a, b in zip(got, ref):
+        _same_bits(a, _np(b))
+    _same_bits(F.dequantize(*got, group_size=32, bits=bits),
+               _np(mx.dequantize(*ref, group_size=32, bits=bits, stream=CPU)))
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_fp_modes_float32_wide_range(mode):
+    """float32 groups spanning 24 orders of magnitude: the scale exponent's every branch."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((2048, 32)).astype(np.float32)
+    w *= (10.0 ** rng.uniform(-12, 12, (2048, 1))).astype(np.float32)
+    ref = mx.quantize(mx.array(w), mode=mode, stream=CPU)
+    got = F.quantize(w, mode=mode)
+    for a, b in zip(got, ref):
+        _same_bits(a, _np(b))
+    _same_bits(F.dequantize(*got, mode=mode, dtype=mx.float32),
+               _np(mx.dequantize(*ref, mode=mode, dtype=mx.float32, stream=CPU)))
+
+
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_fp_modes_bit_exact(mode, dtype):
