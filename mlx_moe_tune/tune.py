@@ -787,7 +787,8 @@ def _cid(config) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a sweep preset (sweeps/NAME.toml): its shapes and format")
+    p.add_argument("--preset", help="sweep preset(s), comma-separated (sweeps/NAME.toml): their shapes and format "
+                   "(default: tiny on the CPU, gemma-26b-a4b on a GPU)")
     p.add_argument("--shape", help="E,K,N,TOPK instead of a preset")
     p.add_argument("--m", default="1..64x2", help="m buckets (rows per expert): 1..64x2 (powers of two), 1..8, 1,3,16")
     p.add_argument("--mode", default=None)
@@ -813,7 +814,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def shapes_from_args(args) -> list[Shape]:
-    """One Shape per weight matrix of the preset (or --shape), format options applied."""
+    """One Shape per weight matrix of the preset(s) (comma-separated) or --shape, format
+    options applied."""
     from . import presets
     from .backend import gpu_backend
     from .sweep import check_format, parse_shape
@@ -821,16 +823,22 @@ def shapes_from_args(args) -> list[Shape]:
     if args.preset and args.shape:
         raise ValueError("give --preset or --shape, not both")
     if args.shape:
-        preset = presets.custom(*parse_shape(args.shape))  # E, K, N, TOPK
+        chosen = [presets.custom(*parse_shape(args.shape))]  # E, K, N, TOPK
     else:
-        preset = presets.load_preset(args.preset or ("gemma-26b-a4b" if gpu_backend() else "tiny"))
-    preset = preset.with_format(args.mode, args.bits, args.group_size, args.dtype)
-    check_format(preset.mode, preset.bits, preset.group_size, preset.dtype)
-    for mt in preset.matrices:
-        if mt.k % preset.group_size:
-            raise ValueError(f"matrix {mt.name}: K={mt.k} is not a multiple of group size {preset.group_size}")
-    return [Shape(preset.experts, mt.k, mt.n, preset.top_k, preset.mode, preset.bits, preset.group_size, preset.dtype)
-            for mt in preset.matrices]
+        names = [n.strip() for n in (args.preset or ("gemma-26b-a4b" if gpu_backend() else "tiny")).split(",")]
+        chosen = [presets.load_preset(n) for n in names if n]
+    out = []
+    for preset in chosen:
+        preset = preset.with_format(args.mode, args.bits, args.group_size, args.dtype)
+        check_format(preset.mode, preset.bits, preset.group_size, preset.dtype)
+        for mt in preset.matrices:
+            if mt.k % preset.group_size:
+                raise ValueError(f"matrix {mt.name}: K={mt.k} is not a multiple of group size {preset.group_size}")
+            sh = Shape(preset.experts, mt.k, mt.n, preset.top_k, preset.mode, preset.bits, preset.group_size,
+                       preset.dtype)
+            if sh not in out:
+                out.append(sh)
+    return out
 
 
 def run(args) -> int:
