@@ -1,0 +1,361 @@
+"""How a kernel is measured: prepared inputs (`Case`), a timer, cache defeat, a bandwidth probe.
+
+GB/s always means: bytes a call must read from memory (for gather_qmm: the quantized weights,
+scales and biases of the *active* experts, each once) / median time of one call.
+
+Timing: warm up (first calls compile), then `iters` samples; each sample runs `batch` calls
+queued in one `mx.eval` between two `mx.synchronize()` and divides by `batch`, so MLX's host
+overhead (~7-8 us per launch on CUDA) overlaps with the GPU instead of being counted as kernel
+time. `batch` is picked so one sample lasts ~1 ms. We report the median and the 10th/90th
+percentiles.
+
+Cache defeat: every call reads the next of `copies` identical copies of the weights, with enough
+copies that their total exceeds CACHE_FACTOR x the last-level cache (H100 L2 50 MB, Apple SLC up
+to 96 MB). A real model reads a different layer's weights on every call; timing one buffer over
+and over would measure L2, not HBM. The method and copy count are recorded per row.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from . import routing
+from .backend import Backend, get_backend
+from .kernels.family import Problem
+
+CACHE_FACTOR = 3  # copies' total bytes >= 3 x last-level cache
+SAMPLE_S = 1e-3  # target duration of one timing sample (batch of calls)
+MAX_BATCH = 16
+MAX_MEASURE_S = 3.0  # iterations are cut (not below MIN_ITERS) when one point would take longer
+MIN_ITERS = 5
+GPU_PROBE_BYTES = 512 << 20  # >= 256 MB so no GPU cache holds it
+CPU_PROBE_BYTES = 32 << 20
+MTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+# Last-level cache by device-name fragment (first match wins); bytes.
+_LLC = [
+    ("H200", 50 << 20),
+    ("H100", 50 << 20),
+    ("A100", 40 << 20),
+    ("L40", 96 << 20),
+    ("Apple", 96 << 20),  # SLC: 8 MB (M1) .. 96 MB (Ultra); assume the largest
+]
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def device_name() -> str:
+    """The default device's name, e.g. 'NVIDIA H100 80GB HBM3', 'Apple M4 Max', the CPU model."""
+    info = mx.device_info(mx.default_device())
+    return str(info.get("device_name") or info.get("architecture") or mx.default_device())
+
+
+def _cpu_llc_bytes() -> int:
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in os.listdir(base):
+            try:
+                with open(os.path.join(base, idx, "size")) as f:
+                    s = f.read().strip()
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+                best = max(best, int(s.rstrip("KMG")) * mult)
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        pass
+    return best or 32 << 20
+
+
+def llc_bytes() -> int:
+    """Last-level cache of the default device (a conservative guess when unknown)."""
+    if not on_gpu():
+        return _cpu_llc_bytes()
+    name = device_name()
+    for frag, size in _LLC:
+        if frag.lower() in name.lower():
+            return size
+    return 64 << 20
+
+
+def max_copies() -> int:
+    # CPU timings are only indicative; keep its copies few so a sweep stays quick.
+    return 512 if on_gpu() else 16
+
+
+def copies_for(nbytes: int, available: int | None = None) -> int:
+    """Copies of an `nbytes` buffer needed so their total exceeds CACHE_FACTOR x LLC."""
+    need = max(1, math.ceil(CACHE_FACTOR * llc_bytes() / max(nbytes, 1)))
+    need = min(need, max_copies())
+    return min(need, available) if available else need
+
+
+def cache_defeat_note(nbytes: int, copies: int) -> str:
+    llc = llc_bytes()
+    total = nbytes * copies
+    ok = "" if total >= 2 * llc else " (below 2x LLC: partly cached)"
+    return f"rotate {copies} copies, {total / 1e6:.1f} MB vs LLC {llc / 1e6:.0f} MB{ok}"
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_us: float
+    p10_us: float
+    p90_us: float
+    iters: int
+    batch: int
+    samples_us: list[float] = field(default_factory=list, repr=False)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3, batch: int | None = None) -> Timing:
+    """Time `fn()` (returns mx arrays) as described in the module docstring."""
+    iters = iters or (50 if on_gpu() else 10)
+    for _ in range(max(warmup, 1)):
+        mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval(fn())
+    mx.synchronize()
+    single = max(time.perf_counter() - t0, 1e-7)
+    if batch is None:
+        batch = int(min(MAX_BATCH, max(1, SAMPLE_S // single)))
+    iters = int(max(min(iters, MIN_ITERS), min(iters, MAX_MEASURE_S // (single * batch))))
+    samples = []
+    for _ in range(iters):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        outs = [fn() for _ in range(batch)]
+        mx.eval(outs)
+        mx.synchronize()
+        samples.append((time.perf_counter() - t0) / batch * 1e6)
+        del outs
+    return Timing(statistics.median(samples), _pct(samples, 10), _pct(samples, 90), iters, batch, samples)
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+def tokens_for(router: str, m: int, experts: int, top_k: int) -> int:
+    """Tokens giving `m` rows per expert on average (exactly, for the balanced router)."""
+    if router == "balanced":
+        if (m * experts) % top_k:
+            raise ValueError(f"balanced routing needs m*E divisible by top_k (m={m}, E={experts}, top_k={top_k})")
+        return m * experts // top_k
+    return max(1, math.ceil(m * experts / top_k))
+
+
+# --- weights and cases ----------------------------------------------------------------------
+
+
+class WeightSet:
+    """Quantized weights of one (E, K, N, format, seed) with identical copies for cache defeat."""
+
+    def __init__(self, experts, k, n, mode, bits, group_size, dtype, seed):
+        self.experts, self.k, self.n = experts, k, n
+        self.mode, self.bits, self.group_size, self.dtype = mode, bits, group_size, dtype
+        key = mx.random.key(seed)
+        wf = (mx.random.normal((experts, n, k), key=key) * (1.0 / math.sqrt(k))).astype(MTYPES[dtype])
+        q = mx.quantize(wf, group_size=group_size, bits=bits, mode=mode)
+        del wf
+        self.copies: list[tuple] = [(q[0], q[1], q[2] if len(q) > 2 else None)]
+        mx.eval(*[a for a in self.copies[0] if a is not None])
+        self._dense: list[mx.array] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.copies[0] if a is not None)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.nbytes // self.experts
+
+    def ensure(self, copies: int) -> None:
+        # `a + 0` makes a new buffer with the same bits (MLX never aliases an op's output).
+        while len(self.copies) < copies:
+            c = tuple(None if a is None else a + 0 for a in self.copies[0])
+            mx.eval(*[a for a in c if a is not None])
+            self.copies.append(c)
+
+    def dense(self, copies: int) -> list[mx.array]:
+        """Dequantized (E, N, K) weights in the activation dtype, for the unquantized reference."""
+        while len(self._dense) < copies:
+            if not self._dense:
+                w, s, b = self.copies[0]
+                d = mx.dequantize(w, s, b, group_size=self.group_size, bits=self.bits, mode=self.mode)
+                d = d.astype(MTYPES[self.dtype])
+            else:
+                d = self._dense[0] + 0
+            mx.eval(d)
+            self._dense.append(d)
+        return self._dense[:copies]
+
+
+_WEIGHTS: dict[tuple, WeightSet] = {}
+
+
+def weight_set(experts, k, n, mode, bits, group_size, dtype, seed) -> WeightSet:
+    """Cached: the sweep and the tuner ask for the same weights at every m. Only the latest
+    shape is kept, so a multi-matrix preset does not hold every matrix's copies at once."""
+    key = (experts, k, n, mode, bits, group_size, dtype, seed, str(mx.default_device()))
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        mx.clear_cache()
+        _WEIGHTS[key] = WeightSet(experts, k, n, mode, bits, group_size, dtype, seed)
+    return _WEIGHTS[key]
+
+
+@dataclass
+class Case:
+    """Prepared inputs of one (shape, format, m, router) point, in both mlx-lm layouts.
+
+    P = tokens * top_k (token, slot) pairs. Sorted layout (mlx-lm's SwitchGLU when
+    indices.size >= 64): `x_sorted (P, 1, K)` = x[order // top_k], `idx_sorted (P,)` sorted
+    expert ids. Unsorted layout (decode): `x_unsorted (T, 1, 1, K)`, `idx_unsorted (T, top_k)`.
+    `plan` = routing.plan(indices) (order, sorted_experts, offsets (E+1,), inv_order).
+    Weights: `weights(i)` is copy i % copies as (w (E,N,K*bits/32) uint32, scales, biases or
+    None); `rotation()` gives a function returning the next copy per call (cache defeat).
+    `weight_bytes`: bytes of the active experts' w+scales+biases, one copy.
+    """
+
+    problem: Problem
+    m: int
+    top_k: int
+    tokens: int
+    router: str
+    seed: int
+    backend: Backend  # where tuned kernels run (a GPU backend or the emulator)
+    indices: mx.array  # (T, top_k) int32
+    x: mx.array  # (T, K)
+    x_sorted: mx.array
+    idx_sorted: mx.array
+    x_unsorted: mx.array
+    idx_unsorted: mx.array
+    plan: object
+    wset: WeightSet
+    copies: int
+    active_experts: int
+    weight_bytes: int
+    cache_defeat: str
+
+    @property
+    def rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def dtype(self):
+        return MTYPES[self.problem.dtype]
+
+    @property
+    def quant(self) -> dict:
+        """Keyword arguments of mx.gather_qmm / mx.quantized_matmul for this format."""
+        p = self.problem
+        return dict(group_size=p.group_size, bits=p.bits, mode=p.mode)
+
+    def weights(self, i: int = 0) -> tuple:
+        return self.wset.copies[i % self.copies]
+
+    def rotation(self) -> Callable[[], tuple]:
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] += 1
+            return self.weights(state["i"] - 1)
+
+        return nxt
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.rows * self.problem.k * self.problem.n
+
+
+def prepare_case(problem: Problem, m: int, top_k: int, router: str = "balanced", seed: int = 0,
+                 backend: Backend | str | None = None, skew: float = 1.2, active: int | None = None) -> Case:
+    """Inputs for `m` rows per expert (problem.rows is ignored: the router decides the rows)."""
+    E, K = problem.experts, problem.k
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    T = tokens_for(router, m, E, top_k)
+    wset = weight_set(E, K, problem.n, problem.mode, problem.bits, problem.group_size, problem.dtype, seed)
+    m_arg = m if router == "balanced" else None  # other routers: T tokens, m rows per expert on average
+    indices = routing.route(router, T, E, top_k, m=m_arg, seed=seed, skew=skew, active=active).astype(mx.int32)
+    pl = routing.plan(indices, experts=E)
+    x = (mx.random.normal((T, K), key=mx.random.key(seed + 1))).astype(MTYPES[problem.dtype])
+    flat = indices.reshape(-1)
+    x_sorted = x[pl.order // top_k][:, None, :]
+    idx_sorted = flat[pl.order]
+    active_experts = int(np.unique(np.asarray(flat)).size)
+    wbytes = active_experts * wset.expert_bytes
+    copies = copies_for(wbytes)
+    wset.ensure(copies)
+    mx.eval(indices, x, x_sorted, idx_sorted, pl.order, pl.offsets, pl.inv_order)
+    prob = Problem(experts=E, k=K, n=problem.n, rows=T * top_k, bits=problem.bits, group_size=problem.group_size,
+                   mode=problem.mode, dtype=problem.dtype, m=float(m))
+    return Case(prob, m, top_k, T, router, seed, get_backend(backend), indices, x, x_sorted, idx_sorted,
+                x.reshape(T, 1, 1, K), indices, pl, wset, copies, active_experts, wbytes,
+                cache_defeat_note(wbytes, copies))
+
+
+def case_reference(case: Case, layout: str = "sorted") -> np.ndarray:
+    """float64 y = x @ dequant(W[e]).T computed with MLX dequantize + float32 gather_mm (no
+    quantized kernel involved). `sorted`: (P, N) in x_sorted's row order; `unsorted`: (T, top_k, N)."""
+    w, s, b = case.weights(0)
+    p = case.problem
+    wd = mx.dequantize(w, s, b, group_size=p.group_size, bits=p.bits, mode=p.mode).astype(mx.float32)
+    y = mx.gather_mm(case.x_sorted.astype(mx.float32), wd.swapaxes(-1, -2), rhs_indices=case.idx_sorted,
+                     sorted_indices=True).reshape(case.rows, p.n)
+    if layout == "unsorted":
+        y = y[case.plan.inv_order].reshape(case.tokens, case.top_k, p.n)
+    elif layout != "sorted":
+        raise ValueError(f"layout must be 'sorted' or 'unsorted', got {layout!r}")
+    return np.asarray(y, dtype=np.float64)
+
+
+# --- bandwidth probe ------------------------------------------------------------------------
+
+_PROBE: dict = {}
+
+
+def probe_buffer() -> mx.array:
+    nbytes = GPU_PROBE_BYTES if on_gpu() else CPU_PROBE_BYTES
+    key = (str(mx.default_device()), nbytes)
+    if key not in _PROBE:
+        _PROBE.clear()
+        a = mx.random.uniform(shape=(nbytes // 4,), key=mx.random.key(7))
+        mx.eval(a)
+        _PROBE[key] = a
+    return _PROBE[key]
+
+
+def bandwidth_fn(op: str = "sum") -> tuple[Callable[[], mx.array], int]:
+    """(fn, bytes moved per call): `sum` reads the buffer once; `copy` reads and writes it."""
+    a = probe_buffer()
+    if op == "sum":
+        return (lambda: mx.sum(a)), a.nbytes
+    if op == "copy":
+        return (lambda: a + 1), 2 * a.nbytes
+    raise ValueError(f"bandwidth probe op must be 'sum' or 'copy', got {op!r}")
+
+
+def measure_bandwidth(op: str = "sum", iters: int | None = None) -> float:
+    """Measured streaming GB/s of the default device."""
+    fn, nbytes = bandwidth_fn(op)
+    t = time_fn(fn, iters=iters or 20)
+    return nbytes / (t.median_us * 1e-6) / 1e9
