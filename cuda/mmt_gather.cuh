@@ -1,0 +1,423 @@
+// mlx-moe-tune: CUDA gather_qmm kernel families (qmv, qmm, qmm_glu), shared core.
+//
+// Prepended as `header` (after cuda/mmt_intrinsics.cuh) to the bodies cuda/qmv.cu, cuda/qmm.cu,
+// cuda/qmm_glu.cu for mx.fast.cuda_kernel; the kernel I/O contract is in TEAM.md.
+//
+// "Swap AB": every warp computes a (16*FN output features) x (8*CG activation rows) tile with
+// mma.sync m16n8k16 where the *weights* are the A operand (16 rows of W x 16 k) and the
+// activations are B (16 k x 8 rows). At small m only the n=8 side is wasted, not the m=16 one.
+//
+// k permutation: a dot product does not change when the same permutation of k is applied to W
+// and x, so a lane does not load the k values the PTX fragment layout names. Lane (g = lane/4,
+// tig = lane%4) owns, per k block of 4*VPL values, the VPL consecutive values
+// [(4*kb + tig)*VPL, +VPL) of W rows g and g+8: one 128-bit load per row (fully used 32-byte
+// sectors, no shared memory, no ldmatrix), all inside one quantization group (VPL <= GS), so
+// one scale and bias per row. Packed word j of that chunk yields the pairs
+// (q_i, q_{i+VPW/2}), i < VPW/2 (one mask picks both: the magic-number conversion below), and
+// x is loaded with the same permutation (VPW contiguous values, recombined with byte permutes).
+//
+// Dequantization of a pair (4-bit, bf16): ((w >> 4i) & 0x000F000F) | 0x43004300 is the bf16 pair
+// (128 + q_i, 128 + q_{i+4}); subtract 128 (exact), then one bf16x2 fma with (scale, bias):
+// about 2 integer/fp ops per weight. fp16 uses 1024 (10 mantissa bits: 8-bit fits too); 8-bit
+// with bf16 goes through float (bf16 has 7 mantissa bits).
+#pragma once
+
+namespace mmt {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- element-type traits: packed pair arithmetic and the mma for T ---------------------------
+template <typename T>
+struct Pair;
+
+template <>
+struct Pair<__nv_bfloat16> {
+  using P2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // (128.0, 128.0)
+  static constexpr int kMantissa = 7;
+  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    P2 r = __hfma2(*reinterpret_cast<const P2*>(&a), *reinterpret_cast<const P2*>(&b),
+                   *reinterpret_cast<const P2*>(&c));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
+    P2 r = __hsub2(*reinterpret_cast<const P2*>(&a), *reinterpret_cast<const P2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    P2 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_m16n8k16_bf16(d, a, b, d);
+  }
+};
+
+template <>
+struct Pair<__half> {
+  using P2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // (1024.0, 1024.0)
+  static constexpr int kMantissa = 10;
+  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    P2 r = __hfma2(*reinterpret_cast<const P2*>(&a), *reinterpret_cast<const P2*>(&b),
+                   *reinterpret_cast<const P2*>(&c));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
+    P2 r = __hsub2(*reinterpret_cast<const P2*>(&a), *reinterpret_cast<const P2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    P2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half from_float(float v) { return __float2half(v); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_m16n8k16_f16(d, a, b, d);
+  }
+};
+
+// ---- quantization geometry -------------------------------------------------------------------
+template <int BITS, int GS, int K>
+struct QGeom {
+  static constexpr int VPW = 32 / BITS;  // values per packed word
+  static constexpr int CW = (GS * BITS / 32) < 4 ? (GS * BITS / 32) : 4;  // words per lane chunk
+  static constexpr int VPL = CW * VPW;   // k values per lane chunk (divides GS, hence K)
+  static constexpr int KB = 4 * VPL;     // k values per warp step (the 4 lanes of a row)
+  static constexpr int NKB = (K + KB - 1) / KB;
+  static constexpr int KW = K / VPW;     // words per weight row
+  static constexpr int KG = K / GS;      // groups per weight row
+  static constexpr int PPW = VPW / 2;    // bf16/f16 pairs per word; PPW/2 mma k-steps per word
+  static_assert(BITS == 2 || BITS == 4 || BITS == 8, "bits must be 2, 4 or 8");
+  static_assert(GS % VPL == 0 && K % GS == 0, "lane chunks must not straddle groups");
+};
+
+template <int NW>
+__device__ inline void load_words(const uint32_t* p, uint32_t (&r)[NW]) {
+  static_assert(NW == 2 || NW == 4 || NW == 8, "vector load of 2, 4 or 8 words");
+  if constexpr (NW == 2) {
+    uint2 v = *reinterpret_cast<const uint2*>(p);
+    r[0] = v.x; r[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < NW; i += 4) {
+      uint4 v = *reinterpret_cast<const uint4*>(p + i);
+      r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
+    }
+  }
+}
+
+template <typename T>
+__device__ inline uint32_t splat(T v) {
+  const uint32_t h = *reinterpret_cast<const uint16_t*>(&v);
+  return h | (h << 16);
+}
+
+// Pairs (q_i, q_{i+VPW/2}) of one packed word, dequantized to T: out[i], i < VPW/2.
+template <typename T, int BITS>
+__device__ inline void dequant_word(uint32_t wq, uint32_t s2, uint32_t b2, float sf, float bf,
+                                    uint32_t (&out)[16 / BITS]) {
+  using Tr = Pair<T>;
+  constexpr int NP = 16 / BITS;
+  constexpr uint32_t MASK = ((1u << BITS) - 1u) * 0x00010001u;
+  if constexpr (BITS <= Tr::kMantissa) {
+#pragma unroll
+    for (int i = 0; i < NP; i++) {
+      const uint32_t u = ((wq >> (BITS * i)) & MASK) | Tr::kMagic;
+      out[i] = Tr::fma(Tr::sub(u, Tr::kMagic), s2, b2);
+    }
+  } else {  // 8-bit with bf16: float magic 2^23 + q, fma in float, round once to T
+#pragma unroll
+    for (int i = 0; i < NP; i++) {
+      const uint32_t u = (wq >> (BITS * i)) & MASK;
+      const float lo = __uint_as_float((u & 0xffffu) | 0x4b000000u) - 8388608.0f;
+      const float hi = __uint_as_float((u >> 16) | 0x4b000000u) - 8388608.0f;
+      out[i] = Tr::pack(fmaf(lo, sf, bf), fmaf(hi, sf, bf));
+    }
+  }
+}
+
+// The x pairs matching dequant_word: X holds VPW consecutive values of one row (VPW/2 words).
+template <int VPW>
+__device__ inline void x_pairs(const uint32_t (&X)[VPW / 2], uint32_t (&out)[VPW / 2]) {
+#pragma unroll
+  for (int i = 0; i < VPW / 2; i++) {
+    const uint32_t a = X[i >> 1], b = X[(i >> 1) + VPW / 4];
+    out[i] = (i & 1) ? ((a >> 16) | (b & 0xffff0000u)) : ((a & 0xffffu) | (b << 16));
+  }
+}
+
+// One weight set of one warp tile: W rows of an expert, its scales/biases, rows in range.
+template <typename T>
+struct WSet {
+  const uint32_t* w;  // expert's (N, KW) words
+  const T* s;         // expert's (N, KG) scales
+  const T* b;         // expert's (N, KG) biases
+};
+
+// acc[ws][f][c][.] += W_ws[rows n0 + 16 f + (0..15)] . x[rows of column group c], over the
+// k blocks kb = wk, wk + WK, ... (intra-block split-K). xrow[c]: this lane's activation row
+// (column g of group c) or nullptr. Rows >= nlim and k >= K contribute zero.
+template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK>
+__device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
+                                 int nlim, const T* const (&xrow)[CG], int wk) {
+  using Q = QGeom<BITS, GS, K>;
+  using Tr = Pair<T>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+
+  struct Chunk {
+    uint32_t w[NWS][FN][2][Q::CW];
+    T s[NWS][FN][2];
+    T b[NWS][FN][2];
+  };
+  // Issue the global loads of k block kb (zeros where out of range) without consuming them.
+  auto load = [&](int kb, Chunk& ch) {
+    const int chunk = kb * 4 + tig;
+    const bool kv = chunk * Q::VPL < K;
+#pragma unroll
+    for (int s = 0; s < NWS; s++)
+#pragma unroll
+      for (int f = 0; f < FN; f++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int n = n0 + 16 * f + 8 * h + g;
+          if (kv && n < nlim) {
+            load_words<Q::CW>(ws[s].w + size_t(n) * Q::KW + chunk * Q::CW, ch.w[s][f][h]);
+            const int gi = n * Q::KG + (chunk * Q::VPL) / GS;
+            ch.s[s][f][h] = ws[s].s[gi];
+            ch.b[s][f][h] = ws[s].b[gi];
+          } else {
+#pragma unroll
+            for (int i = 0; i < Q::CW; i++) ch.w[s][f][h][i] = 0u;
+            ch.s[s][f][h] = Tr::from_float(0.0f);
+            ch.b[s][f][h] = Tr::from_float(0.0f);
+          }
+        }
+  };
+
+  auto compute = [&](int kb, const Chunk& ch) {
+    const int chunk = kb * 4 + tig;
+    const bool kv = chunk * Q::VPL < K;
+    uint32_t s2[NWS][FN][2], b2[NWS][FN][2];
+    float sf[NWS][FN][2], bf[NWS][FN][2];
+#pragma unroll
+    for (int s = 0; s < NWS; s++)
+#pragma unroll
+      for (int f = 0; f < FN; f++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          s2[s][f][h] = splat(ch.s[s][f][h]);
+          b2[s][f][h] = splat(ch.b[s][f][h]);
+          sf[s][f][h] = Tr::to_float(ch.s[s][f][h]);
+          bf[s][f][h] = Tr::to_float(ch.b[s][f][h]);
+        }
+#pragma unroll
+    for (int j = 0; j < Q::CW; j++) {
+      uint32_t a[NWS][FN][2][Q::PPW];
+#pragma unroll
+      for (int s = 0; s < NWS; s++)
+#pragma unroll
+        for (int f = 0; f < FN; f++)
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+            dequant_word<T, BITS>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], sf[s][f][h],
+                                  bf[s][f][h], a[s][f][h]);
+#pragma unroll
+      for (int c = 0; c < CG; c++) {
+        uint32_t X[Q::VPW / 2];
+        if (kv && xrow[c] != nullptr) {
+          load_words<Q::VPW / 2>(
+              reinterpret_cast<const uint32_t*>(xrow[c] + chunk * Q::VPL + j * Q::VPW), X);
+        } else {
+#pragma unroll
+          for (int i = 0; i < Q::VPW / 2; i++) X[i] = 0u;
+        }
+        uint32_t xp[Q::PPW];
+        x_pairs<Q::VPW>(X, xp);
+#pragma unroll
+        for (int t = 0; t < Q::PPW / 2; t++) {
+          const uint32_t bfrag[2] = {xp[2 * t], xp[2 * t + 1]};
+#pragma unroll
+          for (int s = 0; s < NWS; s++)
+#pragma unroll
+            for (int f = 0; f < FN; f++) {
+              const uint32_t afrag[4] = {a[s][f][0][2 * t], a[s][f][1][2 * t],
+                                         a[s][f][0][2 * t + 1], a[s][f][1][2 * t + 1]};
+              Tr::mma(acc[s][f][c], afrag, bfrag);
+            }
+        }
+      }
+    }
+  };
+
+  // Register double buffer: the next k block's loads are in flight while this one computes.
+  Chunk cur, nxt;
+  int kb = wk;
+  if (kb < Q::NKB) load(kb, nxt);
+  for (; kb < Q::NKB; kb += WK) {
+    cur = nxt;
+    if (kb + WK < Q::NKB) load(kb + WK, nxt);
+    compute(kb, cur);
+  }
+}
+
+// Sum the WK partial tiles of the warps that share (wn) into warp wk == 0's acc.
+// red: shared floats, (WK-1) * WN * ACC * 32. Every thread of the block must call this.
+template <int ACC, int WN, int WK>
+__device__ inline void reduce_split_k(float* acc, float* red, int wn, int wk) {
+  if constexpr (WK > 1) {
+    const int lane = threadIdx.x & 31;
+    if (wk > 0) {
+      float* dst = red + size_t((wk - 1) * WN + wn) * ACC * 32;
+#pragma unroll
+      for (int a = 0; a < ACC; a++) dst[a * 32 + lane] = acc[a];
+    }
+    __syncthreads();
+    if (wk == 0) {
+      for (int r = 0; r < WK - 1; r++) {
+        const float* src = red + size_t(r * WN + wn) * ACC * 32;
+#pragma unroll
+        for (int a = 0; a < ACC; a++) acc[a] += src[a * 32 + lane];
+      }
+    }
+    __syncthreads();  // red is reused by the next row chunk
+  }
+}
+
+template <typename T, bool GLU>
+__device__ inline T epilogue(float g, float u) {
+  if constexpr (GLU) {
+    return Pair<T>::from_float(g / (1.0f + expf(-g)) * u);  // silu(gate) * up
+  } else {
+    return Pair<T>::from_float(g);
+  }
+}
+
+// ---- qmv: one (token, expert) pair per block column, expert ids read directly -----------------
+// Block b = p * NT + nt: pair p, N tile nt of 16*FN*WN rows; warps (wn, wk); column 0 only.
+template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int FN, int WN, int WK>
+__device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, const T* biases,
+                                const int32_t* idx, int P, T* y, float* red) {
+  using Q = QGeom<BITS, GS, K>;
+  constexpr int BN = 16 * FN * WN;
+  constexpr int NT = (N + BN - 1) / BN;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int wn = warp % WN, wk = warp / WN;
+  const int p = int(blockIdx.x) / NT, nt = int(blockIdx.x) % NT;
+  if (p >= P) return;  // uniform over the block
+  const int e = idx[p];
+  const bool ok = e >= 0 && e < E;  // a bad id reads nothing and yields zeros (Python validates)
+  const size_t eo = ok ? size_t(e) : 0;
+  const WSet<T> ws[1] = {{w + eo * N * Q::KW, scales + eo * N * Q::KG, biases + eo * N * Q::KG}};
+  const T* xrow[1] = {g == 0 ? x + size_t(p / X_DIV) * K : nullptr};
+  const int n0 = nt * BN + wn * 16 * FN;
+  float acc[1][FN][1][4] = {};
+  warp_gemm<T, BITS, GS, K, FN, 1, 1, WK>(acc, ws, n0, ok ? N : 0, xrow, wk);
+  reduce_split_k<FN * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
+  if (wk == 0 && tig == 0) {  // column 0 = lanes with tig 0 hold c0 (row g) and c2 (row g+8)
+    T* yr = y + size_t(p) * N;
+#pragma unroll
+    for (int f = 0; f < FN; f++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int n = n0 + 16 * f + 8 * h + g;
+        if (n < N) yr[n] = Pair<T>::from_float(acc[0][f][0][2 * h]);
+      }
+  }
+}
+
+// ---- qmm / qmm_glu: expert-major, rows walked in BM chunks ------------------------------------
+// A *unit* is (expert e, split s): the sorted rows [off[e] + s*BM*MC, +BM*MC) of e. Units are
+// numbered expert by expert; expert e has ceil(rows_e / (BM*MC)) of them, so a hot expert is
+// spread over many blocks while experts with no rows cost nothing. Block b = u * NT + nt. The
+// host launches an upper bound of units (floor(P / (BM*MC)) + min(E, P)); spare blocks return.
+template <int E, int RPU>
+__device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& r0, int& r1) {
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  for (int e0 = 0; e0 < E; e0 += 32) {
+    const int ee = e0 + lane;
+    const int lo = ee < E ? offsets[ee] : 0, hi = ee < E ? offsets[ee + 1] : 0;
+    const int units = (hi - lo + RPU - 1) / RPU;
+    int inc = units;  // inclusive warp scan of unit counts
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(kFullMask, inc, d);
+      if (lane >= d) inc += v;
+    }
+    const int first = base + inc - units;
+    const unsigned hit = __ballot_sync(kFullMask, unit >= first && unit < first + units);
+    if (hit != 0u) {
+      int src = 0;
+      while (((hit >> src) & 1u) == 0u) src++;
+      e = e0 + src;
+      const int s = unit - __shfl_sync(kFullMask, first, src);
+      const int lo_e = __shfl_sync(kFullMask, lo, src), hi_e = __shfl_sync(kFullMask, hi, src);
+      r0 = lo_e + s * RPU;
+      r1 = min(hi_e, r0 + RPU);
+      return true;
+    }
+    base += __shfl_sync(kFullMask, inc, 31);
+  }
+  return false;
+}
+
+template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int BM, int FN, int WN,
+          int WK, int MC, bool GLU>
+__device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
+                                const uint32_t* w1, const T* s1, const T* b1,
+                                const int32_t* order, const int32_t* offsets, T* y, float* red) {
+  using Q = QGeom<BITS, GS, K>;
+  constexpr int NWS = GLU ? 2 : 1;
+  constexpr int CG = BM / 8;
+  constexpr int BN = 16 * FN * WN;
+  constexpr int NT = (N + BN - 1) / BN;
+  static_assert(BM % 8 == 0, "BM must be a multiple of 8");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int wn = warp % WN, wk = warp / WN;
+  const int unit = int(blockIdx.x) / NT, nt = int(blockIdx.x) % NT;
+  int e = 0, rbeg = 0, rend = 0;
+  // Every warp finds the same unit (no barrier needed); spare blocks leave together.
+  if (!find_unit<E, BM * MC>(offsets, unit, e, rbeg, rend)) return;
+
+  const size_t eo = size_t(e);
+  WSet<T> ws[NWS];
+  ws[0] = WSet<T>{w0 + eo * N * Q::KW, s0 + eo * N * Q::KG, b0 + eo * N * Q::KG};
+  if constexpr (GLU) ws[NWS - 1] = WSet<T>{w1 + eo * N * Q::KW, s1 + eo * N * Q::KG, b1 + eo * N * Q::KG};
+  const int n0 = nt * BN + wn * 16 * FN;
+
+  for (int r0 = rbeg; r0 < rend; r0 += BM) {
+    const T* xrow[CG];
+#pragma unroll
+    for (int c = 0; c < CG; c++) {
+      const int i = r0 + 8 * c + g;
+      xrow[c] = i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
+    }
+    float acc[NWS][FN][CG][4] = {};
+    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK>(acc, ws, n0, N, xrow, wk);
+    reduce_split_k<NWS * FN * CG * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
+    if (wk == 0) {
+#pragma unroll
+      for (int c = 0; c < CG; c++)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++) {
+          const int i = r0 + 8 * c + 2 * tig + e2;  // C fragment column 2*tig + e2
+          if (i >= rend) continue;
+          T* yr = y + size_t(order[i]) * N;
+#pragma unroll
+          for (int f = 0; f < FN; f++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              const int n = n0 + 16 * f + 8 * h + g;
+              if (n < N)
+                yr[n] = epilogue<T, GLU>(acc[0][f][c][2 * h + e2], acc[NWS - 1][f][c][2 * h + e2]);
+            }
+        }
+    }
+  }
+}
+
+}  // namespace mmt

@@ -1,0 +1,70 @@
+"""What the gather_qmm kernel families share: format checks, template arguments, launch math.
+
+The families (kernels/qmv.py, kernels/qmm.py) are data; these helpers keep their check /
+template / launch rules short and identical across families. Dialect-specific tile rules
+live beside the sources' dialect: CUDA here, Metal in kernels/metal_tiles.py.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import mlx.core as mx
+
+from ..backend import Backend
+
+WARP = 32  # SIMD width, both dialects
+# CUDA: static __shared__ (split-K reduction buffer) must stay under the 48 KB static limit.
+CUDA_STATIC_SMEM = 48 * 1024
+# Accumulator floats per lane above which the register tile spills (255 regs per thread).
+CUDA_MAX_ACC = 64
+CUDA_DTYPES = ("float16", "bfloat16")  # the mma.sync operand types
+GRID_LIMIT = 2**31 - 1  # grid.x in threads is an int
+
+_MX_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def mx_dtype(name: str):
+    try:
+        return _MX_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation dtype {name!r}; choose from {sorted(_MX_DTYPES)}") from None
+
+
+def dtype_name(dtype) -> str:
+    for k, v in _MX_DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"unsupported activation dtype {dtype}; choose from {sorted(_MX_DTYPES)}")
+
+
+def check_format_cuda(problem) -> str | None:
+    """Why the CUDA kernels cannot run this quantization format / dtype, or None."""
+    if problem.mode != "affine":
+        return f"CUDA kernels support affine quantization only (got mode {problem.mode!r})"
+    if problem.bits not in (2, 4, 8):
+        return f"CUDA kernels support bits 2, 4, 8 (got {problem.bits})"
+    if problem.group_size not in (32, 64, 128):
+        return f"group size must be 32, 64 or 128 (got {problem.group_size})"
+    if problem.k % problem.group_size:
+        return f"K={problem.k} is not a multiple of the group size {problem.group_size}"
+    if problem.dtype not in CUDA_DTYPES:
+        return f"CUDA kernels take float16 or bfloat16 activations (got {problem.dtype})"
+    return None
+
+
+def template_args(problem, config: Mapping[str, int], x_div: int = 1) -> list[tuple[str, object]]:
+    """Template arguments in the contract's order: T, BITS, GS, K, N, E, X_DIV, then the tile."""
+    return [
+        ("T", mx_dtype(problem.dtype)),
+        ("BITS", int(problem.bits)),
+        ("GS", int(problem.group_size)),
+        ("K", int(problem.k)),
+        ("N", int(problem.n)),
+        ("E", int(problem.experts)),
+        ("X_DIV", int(x_div)),
+        *((k, int(v)) for k, v in config.items()),
+    ]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,102 @@
+"""qmm and qmm_glu: the reuse kernels, expert-major.
+
+Each block owns (expert, N tile) and walks that expert's rows in BM-row chunks, taken in sorted
+order from the routing plan (`order`, `offsets`): sorted position i reads x row order[i] / X_DIV
+and writes y row order[i] (the unsort is fused). qmm_glu runs the gate and up weight sets in
+one pass over x and writes silu(gate) * up.
+
+CUDA tile (cuda/qmm.cu): BM rows per chunk (the mma n side, multiple of 8), FN 16-row fragments
+per warp, WN warps along N, WK warps splitting K, MC chunks per block (row split: a hot expert
+is spread over ceil(rows / (BM*MC)) blocks per N tile). Metal tile: see kernels/metal_tiles.py.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..backend import Backend
+from . import metal_tiles
+from .common import (CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda,
+                     template_args)
+from .family import DialectSource, KernelFamily, Launch
+
+CUDA_SPACE: dict[str, tuple[int, ...]] = {
+    "BM": (8, 16, 32, 64),
+    "FN": (1, 2),
+    "WN": (2, 4),
+    "WK": (1,),
+    "MC": (4,),
+}
+_HEADERS = ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")
+
+
+def _threads(config: Mapping[str, int]) -> int:
+    return WARP * config["WN"] * config["WK"]
+
+
+def cuda_blocks(problem, config: Mapping[str, int]) -> int:
+    """Upper bound of (unit, N tile) blocks: units = floor(P / (BM*MC)) + min(E, P); see
+    find_unit in cuda/mmt_gather.cuh. Needs no host sync on the routing."""
+    rows = max(problem.rows, 0)
+    units = rows // (config["BM"] * config["MC"]) + min(problem.experts, rows)
+    return units * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
+
+
+def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
+    if backend.dialect == "metal":
+        return metal_tiles.check_qmm(problem, config, backend, glu=glu)
+    if (why := check_format_cuda(problem)) is not None:
+        return why
+    bm, fn, wn, wk, mc = (config[k] for k in ("BM", "FN", "WN", "WK", "MC"))
+    if bm % 8 or bm <= 0:
+        return f"BM={bm} must be a positive multiple of 8 (the mma n side)"
+    if mc < 1:
+        return f"MC={mc} must be >= 1"
+    threads = _threads(config)
+    if threads > backend.max_threads:
+        return f"{threads} threads per block > {backend.max_threads}"
+    acc = (2 if glu else 1) * fn * (bm // 8) * 4
+    if acc > CUDA_MAX_ACC:
+        return f"{acc} accumulator floats per lane > {CUDA_MAX_ACC} (register spill)"
+    smem = (wk - 1) * wn * acc * WARP * 4
+    if smem > CUDA_STATIC_SMEM:
+        return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
+    if cuda_blocks(problem, config) * threads > GRID_LIMIT:
+        return f"{problem.rows} rows need more than 2^31 threads with BM={bm}, MC={mc}"
+    return None
+
+
+def _launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
+    if backend.dialect == "metal":
+        return Launch(*metal_tiles.launch_qmm(problem, config))
+    threads = _threads(config)
+    return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
+
+
+QMM = KernelFamily(
+    name="qmm",
+    input_names=("x", "w", "scales", "biases", "order", "offsets"),
+    output_names=("y",),
+    sources={
+        "cuda": DialectSource("cuda/qmm.cu", _HEADERS),
+        "metal": DialectSource("metal/qmm.metal", ("metal/mmt_gather.h",)),
+    },
+    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
+    check=lambda p, c, b: _check(p, c, b, glu=False),
+    launch=_launch,
+    template=lambda problem, config: template_args(problem, config),
+)
+
+QMM_GLU = KernelFamily(
+    name="qmm_glu",
+    input_names=("x", "w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up",
+                 "order", "offsets"),
+    output_names=("y",),
+    sources={
+        "cuda": DialectSource("cuda/qmm_glu.cu", _HEADERS),
+        "metal": DialectSource("metal/qmm_glu.metal", ("metal/mmt_gather.h",)),
+    },
+    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
+    check=lambda p, c, b: _check(p, c, b, glu=True),
+    launch=_launch,
+    template=lambda problem, config: template_args(problem, config),
+)

@@ -1,0 +1,70 @@
+"""qmv: the no-reuse gather kernel (decode / m ~ 1), one (token, expert) pair per block column.
+
+Expert ids are read directly (no sort), so a decode step is a single launch. Inputs follow the
+contract in TEAM.md: x (X, K), w (E, N, K*bits/32) uint32, scales/biases (E, N, K/gs), idx (P,);
+x row of pair p is p / X_DIV; output y (P, N).
+
+CUDA tile (cuda/qmv.cu): FN 16-row mma fragments per warp, WN warps along N, WK warps splitting
+K inside the block (reduced through shared memory). Metal tile: see kernels/metal_tiles.py.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..backend import Backend
+from . import metal_tiles
+from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, template_args
+from .family import DialectSource, KernelFamily, Launch
+
+CUDA_SPACE: dict[str, tuple[int, ...]] = {
+    "FN": (1, 2),
+    "WN": (2, 4),
+    "WK": (1, 2, 4),
+}
+
+
+def _cuda_threads(config: Mapping[str, int]) -> int:
+    return WARP * config["WN"] * config["WK"]
+
+
+def _cuda_blocks(problem, config: Mapping[str, int]) -> int:
+    return max(problem.rows, 0) * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
+
+
+def check(problem, config: Mapping[str, int], backend: Backend) -> str | None:
+    if backend.dialect == "metal":
+        return metal_tiles.check_qmv(problem, config, backend)
+    if (why := check_format_cuda(problem)) is not None:
+        return why
+    fn, wn, wk = config["FN"], config["WN"], config["WK"]
+    threads = _cuda_threads(config)
+    if threads > backend.max_threads:
+        return f"{threads} threads per block > {backend.max_threads}"
+    smem = (wk - 1) * wn * fn * 4 * WARP * 4
+    if smem > CUDA_STATIC_SMEM:
+        return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
+    if _cuda_blocks(problem, config) * threads > GRID_LIMIT:
+        return f"{problem.rows} pairs need more than 2^31 threads: use the qmm family"
+    return None
+
+
+def launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
+    if backend.dialect == "metal":
+        return Launch(*metal_tiles.launch_qmv(problem, config))
+    threads = _cuda_threads(config)
+    return Launch((threads * _cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
+
+
+QMV = KernelFamily(
+    name="qmv",
+    input_names=("x", "w", "scales", "biases", "idx"),
+    output_names=("y",),
+    sources={
+        "cuda": DialectSource("cuda/qmv.cu", ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")),
+        "metal": DialectSource("metal/qmv.metal", ("metal/mmt_gather.h",)),
+    },
+    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
+    check=check,
+    launch=launch,
+    template=lambda problem, config: template_args(problem, config),
+)

@@ -1,0 +1,234 @@
+"""`gather_qmm`: mx.gather_qmm (transpose=True, rhs_indices only) on tile-tuned kernels.
+
+Covers the two call layouts mlx-lm uses:
+- sorted:   x (P, 1, K),       indices (P,)       -> (P, 1, N)
+- unsorted: x (..., 1, 1, K),  indices (..., k)   -> (..., k, 1, N)
+and any other x batch that broadcasts against `indices` (materialized once). The kernel family
+and tile come from, in order: the `family`/`config` arguments, a tuning table
+(`tables.lookup`, tuned entries only), then `default_choice` below (measured on the H100).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import mlx.core as mx
+
+from .backend import Backend, get_backend
+from .kernels import registry
+from .kernels.common import dtype_name, template_args
+from .kernels.family import Problem, parse_config_id
+from .kernels.plan import Plan, make_plan
+
+
+def _layout(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, int, tuple[int, ...]]:
+    """(x rows (X, K), flat indices (P,), X_DIV, output batch shape)."""
+    if x.ndim < 2:
+        raise ValueError(f"x must be (..., M, K), got shape {x.shape}")
+    if x.shape[-2] != 1:
+        raise ValueError(f"x must have M=1 row per (token, expert) pair (x.shape[-2]), got shape {x.shape}")
+    bx = tuple(x.shape[:-2])
+    try:
+        batch = tuple(mx.broadcast_shapes(bx, tuple(indices.shape)))
+    except ValueError:
+        raise ValueError(f"x batch shape {bx} does not broadcast with indices shape {indices.shape}") from None
+    K = x.shape[-1]
+    P = 1
+    for d in batch:
+        P *= d
+    flat = mx.broadcast_to(indices, batch).reshape(-1) if tuple(indices.shape) != batch else indices.reshape(-1)
+    if bx == batch:  # one x row per pair (mlx-lm sorted layout)
+        return x.reshape(P, K), flat, 1, batch
+    if batch and len(bx) == len(batch) and bx[:-1] == batch[:-1] and bx[-1] == 1:
+        return x.reshape(P // batch[-1], K), flat, batch[-1], batch  # per-token layout: x row = p / k
+    return mx.broadcast_to(x, (*batch, 1, K)).reshape(P, K), flat, 1, batch
+
+
+def _validate(x, w, scales, biases, indices, group_size, bits, mode) -> tuple[int, int, int]:
+    if mode != "affine":
+        raise ValueError(f"mode {mode!r} is not supported (affine only)")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits} is not supported (2, 4 or 8)")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size={group_size} is not supported (32, 64 or 128)")
+    if w.ndim != 3 or w.dtype != mx.uint32:
+        raise ValueError(f"w must be (E, N, K*bits/32) uint32, got shape {w.shape} dtype {w.dtype}")
+    E, N, KW = w.shape
+    K = KW * 32 // bits
+    if x.shape[-1] != K:
+        raise ValueError(f"x has K={x.shape[-1]} but w packs K={K} at {bits} bits")
+    if K % group_size:
+        raise ValueError(f"K={K} is not a multiple of group_size={group_size}")
+    want = (E, N, K // group_size)
+    for name, a in (("scales", scales), ("biases", biases)):
+        if a is None:
+            raise ValueError(f"affine mode needs {name}")
+        if tuple(a.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+    dtype_name(x.dtype)  # raises on an unknown activation dtype
+    if not mx.issubdtype(indices.dtype, mx.integer):
+        raise ValueError(f"indices must be integers, got dtype {indices.dtype}")
+    return E, N, K
+
+
+def _check_range(flat: mx.array, E: int) -> None:
+    if flat.size == 0:
+        return
+    lo, hi = mx.min(flat).item(), mx.max(flat).item()  # host sync: pass validate=False in hot paths
+    if lo < 0 or hi >= E:
+        raise ValueError(f"expert index out of range: indices span [{lo}, {hi}] but w has {E} experts")
+
+
+def default_choice(problem: Problem, sorted_layout: bool) -> tuple[str, dict[str, int]]:
+    """Family and tile when no tuning table covers the problem (H100 measurements)."""
+    m = problem.rows_per_expert
+    if m <= 1.5 and problem.rows * problem.n * 4 < 2**31:
+        return "qmv", {"FN": 1, "WN": 4, "WK": 2}
+    bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    return "qmm", {"BM": bm, "FN": 2 if bm <= 32 else 1, "WN": 4, "WK": 1, "MC": 4}
+
+
+_CHOICES: dict = {}
+
+
+def clear_choice_cache() -> None:
+    """Forget memoized tile choices (call after writing a new tuning table)."""
+    _CHOICES.clear()
+
+
+def _choose(problem, backend, family, config, glu, sorted_layout, top_k):
+    """(family, config) for this call; memoized per problem, since tables.lookup walks the table
+    directories and this runs on every op call (the decode hot path)."""
+    key = (problem, backend.name, family, None if config is None else
+           (config if isinstance(config, str) else tuple(sorted(dict(config).items()))), glu, sorted_layout, top_k)
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k)
+    return hit[0], dict(hit[1])
+
+
+def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k):
+    if isinstance(config, str):
+        config = parse_config_id(config)
+    if family is None and config is not None:
+        keys = set(config)
+        family = "qmm_glu" if glu and "BM" in keys else next(
+            (n for n, f in registry.FAMILIES.items() if set(f.space.get(backend.dialect, {})) == keys and
+             (n == "qmm_glu") == glu), None)
+        if family is None:
+            raise ValueError(f"config {config} matches no kernel family's tile parameters")
+    if family is None:
+        try:
+            from . import tables
+
+            hit = tables.lookup(problem, backend, top_k=top_k, heuristic_fallback=False)
+        except ImportError:
+            hit = None
+        if hit is not None and hit[1] is not None and (hit[0] != "qmv" or not glu):
+            family, config = hit
+            if glu and family == "qmm":
+                family = "qmm_glu"
+        else:
+            family, config = default_choice(problem, sorted_layout)
+            if glu:
+                family = "qmm_glu"
+                if config.get("BM") is None:  # no qmv for the fused variant
+                    config = {"BM": 8, "FN": 2, "WN": 4, "WK": 1, "MC": 4}
+    fam = registry.get(family)
+    if config is None:
+        valid = fam.valid_configs(problem, backend)
+        if not valid:
+            raise ValueError(f"no valid {family} config for {problem}: {fam.check(problem, next(fam.configs(backend.dialect)), backend)}")
+        config = valid[0]
+    why = fam.check(problem, dict(config), backend)
+    if why is not None:
+        raise ValueError(f"invalid {family} config {dict(config)} for this problem: {why}")
+    return fam, dict(config)
+
+
+def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
+    launch = fam.launch(problem, config, backend)
+    kwargs = dict(
+        inputs=inputs,
+        template=template_args(problem, config, x_div),
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[(problem.rows, problem.n)],
+        output_dtypes=[inputs[0].dtype],
+    )
+    if launch.shared_memory and not backend.emulated and backend.dialect == "cuda":
+        kwargs["shared_memory"] = launch.shared_memory
+    (y,) = fam.kernel(backend)(**kwargs)
+    return y
+
+
+def _prepare(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, validate, m,
+             w_extra=()):
+    b = get_backend(backend)
+    E, N, K = _validate(x, w, scales, biases, indices, group_size, bits, mode)
+    for wx, sx, bx in w_extra:
+        if tuple(wx.shape) != tuple(w.shape) or tuple(sx.shape) != tuple(scales.shape) or tuple(bx.shape) != tuple(biases.shape):
+            raise ValueError("gate and up weights must have the same shapes")
+    x2, flat, x_div, batch = _layout(x, indices)
+    flat = flat.astype(mx.int32)
+    if validate:
+        _check_range(flat, E)
+    P = flat.size
+    problem = Problem(experts=E, k=K, n=N, rows=P, bits=bits, group_size=group_size, mode=mode,
+                      dtype=dtype_name(x.dtype), m=m)
+    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
+    return b, problem, x2, flat, x_div, batch, cast
+
+
+def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, indices: mx.array, *,
+               group_size: int = 64, bits: int = 4, mode: str = "affine", sorted_indices: bool = False,
+               config: Mapping[str, int] | str | None = None, family: str | None = None,
+               plan: Plan | None = None, backend: str | Backend | None = None, validate: bool = True,
+               m: float | None = None) -> mx.array:
+    """Same result as `mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True,
+    group_size=..., bits=..., mode=..., sorted_indices=...)`.
+
+    plan: a `kernels.plan.make_plan(indices, E)` to reuse across calls with the same routing
+    (gate, up, down). validate: check expert ids on the host (one sync); pass False in hot paths
+    (the kernels never read out of bounds for a bad id either way). m: rows per expert, if known
+    (tile choice only). family/config: force a kernel family ("qmv", "qmm") and tile.
+    """
+    b, problem, x2, flat, x_div, batch, cast = _prepare(
+        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, validate, m)
+    N = problem.n
+    if problem.rows == 0:
+        return mx.zeros((*batch, 1, N), dtype=x.dtype)
+    top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
+    fam, cfg = _choose(problem, b, family, config, False, sorted_indices, top_k)
+    if fam.name == "qmv":
+        y = _run(fam, problem, cfg, b, [x2, w, cast(scales), cast(biases), flat], x_div)
+    else:
+        if plan is None:
+            plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+        elif plan.pairs != problem.rows or plan.experts != problem.experts:
+            raise ValueError(f"plan is for {plan.pairs} pairs / {plan.experts} experts, "
+                             f"this call has {problem.rows} / {problem.experts}")
+        y = _run(fam, problem, cfg, b, [x2, w, cast(scales), cast(biases), plan.order, plan.offsets], x_div)
+    return y.reshape(*batch, 1, N)
+
+
+def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up,
+                   indices: mx.array, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
+                   sorted_indices: bool = False, config: Mapping[str, int] | str | None = None,
+                   plan: Plan | None = None, backend: str | Backend | None = None,
+                   validate: bool = True, m: float | None = None) -> mx.array:
+    """silu(gather_qmm(x, gate)) * gather_qmm(x, up) in one kernel (mlx-lm SwitchGLU, SwiGLU),
+    computed in float32 and rounded once to x's dtype."""
+    b, problem, x2, flat, x_div, batch, cast = _prepare(
+        x, w_gate, scales_gate, biases_gate, indices, group_size, bits, mode, sorted_indices, backend,
+        validate, m, w_extra=((w_up, scales_up, biases_up),))
+    N = problem.n
+    if problem.rows == 0:
+        return mx.zeros((*batch, 1, N), dtype=x.dtype)
+    top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
+    fam, cfg = _choose(problem, b, "qmm_glu" if config is not None else None, config, True,
+                       sorted_indices, top_k)
+    if plan is None:
+        plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+    y = _run(fam, problem, cfg, b, [x2, w_gate, cast(scales_gate), cast(biases_gate), w_up,
+                                   cast(scales_up), cast(biases_up), plan.order, plan.offsets], x_div)
+    return y.reshape(*batch, 1, N)
