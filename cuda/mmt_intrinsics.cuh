@@ -20,7 +20,9 @@
 #pragma once
 
 #ifndef MMT_EMULATOR
+#ifndef __CUDACC_RTC__  // NVRTC has no <cstdint>; MLX's prepended utils.cuh defines the types
 #include <cstdint>
+#endif
 namespace mmt {
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
