@@ -809,7 +809,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recheck", action="store_true", help="after tuning, re-measure the chosen configs from scratch")
     p.add_argument("--heuristic-gap", action="store_true",
                    help="after tuning, measure the untuned heuristic's choice on each shape held back")
-    p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), recheck.json, gap.json")
+    p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), tune-recheck.json, tune-gap.json")
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -877,7 +877,7 @@ def run(args) -> int:
         print(f"recheck: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
         failed |= ok < len(rows)
         if out is not None:
-            (out / "recheck.json").write_text(json.dumps(rows, indent=1))
+            (out / "tune-recheck.json").write_text(json.dumps(rows, indent=1))
     if args.heuristic_gap:
         rows = heuristic_gap(rep, shapes, backend=b, bench=bench, cache=cache, iters=iters, router=args.router,
                              seed=args.seed, log=log)
@@ -885,7 +885,7 @@ def run(args) -> int:
         if gaps:
             print(f"heuristic gap on held-back shapes: mean {np.mean(gaps):.1%}, worst {max(gaps):.1%}")
         if out is not None:
-            (out / "gap.json").write_text(json.dumps(rows, indent=1))
+            (out / "tune-gap.json").write_text(json.dumps(rows, indent=1))
     return 1 if failed else 0
 
 
