@@ -204,10 +204,9 @@ def format_row(r: Result) -> str:
 
 def shipped_families(dialect: str):
     """The gather_qmm kernel families that have a source in `dialect`."""
-    from .kernels.qmm import QMM, QMM_GLU
-    from .kernels.qmv import QMV
+    from .kernels import registry
 
-    return [f for f in (QMV, QMM, QMM_GLU) if dialect in f.sources]
+    return [f for f in registry.families() if dialect in f.sources]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
