@@ -478,8 +478,10 @@ class Bench:
         return h.hexdigest()[:12]
 
     def kernels(self, families: Sequence[str] | None):
-        """The sweep's `tuned.<family>` kernels; families the sweep has not registered are
-        wrapped here around `ops.gather_qmm(family=..., config=...)`."""
+        """Every kernel family of the registry, run through the public op
+        (`ops.gather_qmm(family=..., config=...)`) on mlx-lm's sorted layout: exactly what a
+        table entry will make the op run, and the layout the reference is computed in. Other
+        `tuned.*` sweep kernels are offered too."""
         from . import sweep
 
         sweep.load_registry()
@@ -488,7 +490,7 @@ class Bench:
             from .kernels import registry
 
             for name in registry.FAMILIES:
-                available.setdefault(f"tuned.{name}", _op_kernel(registry.FAMILIES[name]))
+                available[f"tuned.{name}"] = _op_kernel(registry.FAMILIES[name])
         except ImportError:
             pass
         if families:
