@@ -16,6 +16,7 @@ import mlx.core as mx
 from .backend import Backend, get_backend
 from .kernels import registry
 from .kernels.common import dtype_name, template_args
+from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
 from .kernels.plan import Plan, make_plan
 
@@ -127,6 +128,8 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
             family, config = hit
             if glu and family == "qmm":
                 family = "qmm_glu"
+        elif backend.dialect == "metal":  # Metal tiles have their own parameters
+            family, config = metal_tiles.default_choice(problem, glu)
         else:
             family, config = default_choice(problem, sorted_layout)
             if glu:

@@ -67,3 +67,44 @@ def test_wrong_layout_is_caught(families):
         assert "x" in str(e) or "bound" in str(e).lower()
     else:
         assert err > selftest.TOLERANCE[case.dtype]
+
+
+@pytest.mark.parametrize("layout", ["decode", "sorted"])
+def test_op_runs_the_metal_kernels(layout):
+    """`mlx_moe_tune.gather_qmm` / `gather_qmm_glu` on the Metal dialect (emulated), with no
+    tuning table: Metal's own default tiles, both mlx-lm call layouts, vs the numpy reference."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_moe_tune import formats, ops
+
+    E, K, N, gs, bits = 4, 128, 40, 64, 4
+    rng = np.random.default_rng(1)
+    wq, s, b = (mx.array(a) for a in formats.quantize(rng.standard_normal((E, N, K)).astype(np.float32),
+                                                      group_size=gs, bits=bits))
+    s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    if layout == "decode":  # mlx-lm unsorted: x (B, L, 1, 1, K) with (B, L, k): qmv
+        T, k = 3, 2
+        idx = mx.array(rng.integers(0, E, (1, T, k)).astype(np.uint32))
+        x = mx.array(rng.standard_normal((1, T, 1, 1, K)).astype(np.float32)).astype(mx.bfloat16)
+        x_rows = np.repeat(np.asarray(x.astype(mx.float32)).reshape(T, K), k, axis=0)
+        sorted_indices = False
+    else:  # mlx-lm's sorted layout: (P, 1, K) with sorted (P,), several rows per expert: qmm
+        P = 40
+        idx = mx.array(np.sort(rng.integers(0, E, P)).astype(np.uint32))
+        x = mx.array(rng.standard_normal((P, 1, K)).astype(np.float32)).astype(mx.bfloat16)
+        x_rows = np.asarray(x.astype(mx.float32)).reshape(P, K)
+        sorted_indices = True
+    flat = np.asarray(idx).reshape(-1)
+    ref = formats.reference_gather_qmm(x_rows, np.asarray(wq), np.asarray(s.astype(mx.float32)),
+                                       np.asarray(b.astype(mx.float32)), flat, group_size=gs, bits=bits)
+    y = ops.gather_qmm(x, wq, s, b, idx, group_size=gs, bits=bits, sorted_indices=sorted_indices,
+                       backend="emulator-metal")
+    assert y.shape == (*idx.shape, 1, N)
+    got = np.asarray(y.astype(mx.float32)).reshape(-1, N)
+    assert np.abs(got - ref).max() <= selftest.TOLERANCE["bfloat16"] * np.abs(ref).max()
+    yg = ops.gather_qmm_glu(x, wq, s, b, wq, s, b, idx, group_size=gs, bits=bits,
+                            sorted_indices=sorted_indices, backend="emulator-metal")
+    ref_glu = ref / (1 + np.exp(-ref)) * ref
+    got = np.asarray(yg.astype(mx.float32)).reshape(-1, N)
+    assert np.abs(got - ref_glu).max() <= selftest.TOLERANCE["bfloat16"] * np.abs(ref_glu).max()

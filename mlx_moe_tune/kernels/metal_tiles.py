@@ -134,3 +134,16 @@ def launch_qmm(problem, config: Mapping[str, int]) -> tuple[tuple[int, int, int]
     tg = SIMD * config["WM"] * config["WN"]
     n_blocks = -(-problem.n // config["BN"])
     return (tg * n_blocks, problem.experts, 1), (tg, 1, 1)
+
+
+def default_choice(problem, glu: bool = False) -> tuple[str, dict[str, int]]:
+    """Family and tile when no tuning table covers a Metal problem (reasoned, not measured: no
+    Apple GPU was available). MLX's own choices: qmv with 2 simdgroups x 4 rows and 16 values
+    per lane at m ~ 1; 8x8-fragment tiles with 64-128 threads above it, BM near m (a row
+    chunk never straddles experts here, so a small BM wastes nothing but re-reads of W)."""
+    m = problem.rows_per_expert
+    if m <= 1.5 and not glu:
+        vpt = 16 if problem.group_size % 16 == 0 else 8
+        return "qmv", {"RPS": 4, "SG": 2, "VPT": vpt, "PR": 1}
+    bm = 8 if m <= 8 else 16 if m <= 16 else 32
+    return ("qmm_glu" if glu else "qmm"), {"BM": bm, "BN": 64, "BK": 32, "WM": 1 if bm == 8 else 2, "WN": 2}
