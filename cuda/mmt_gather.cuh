@@ -168,10 +168,24 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
   using Tr = Pair<T>;
   const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
+  // x is prefetched with W while it fits in a few registers (small BM); otherwise it is loaded
+  // (from L1/L2: every N tile re-reads the same rows) right before its mma.
+  constexpr bool XPF = CG * Q::CW * (Q::VPW / 2) <= 32;
   struct Chunk {
     uint32_t w[NWS][FN][2][Q::CW];
     T s[NWS][FN][2];
     T b[NWS][FN][2];
+    uint32_t x[XPF ? CG : 1][Q::CW][Q::VPW / 2];
+  };
+  auto load_x = [&](int kb, int c, int j, uint32_t (&X)[Q::VPW / 2]) {
+    const int chunk = kb * 4 + tig;
+    if (chunk * Q::VPL < K && xrow[c] != nullptr) {
+      load_words<Q::VPW / 2>(
+          reinterpret_cast<const uint32_t*>(xrow[c] + chunk * Q::VPL + j * Q::VPW), X);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Q::VPW / 2; i++) X[i] = 0u;
+    }
   };
   // Issue the global loads of k block kb (zeros where out of range) without consuming them.
   auto load = [&](int kb, Chunk& ch) {
@@ -196,11 +210,15 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
             ch.b[s][f][h] = Tr::from_float(0.0f);
           }
         }
+    if constexpr (XPF) {
+#pragma unroll
+      for (int c = 0; c < CG; c++)
+#pragma unroll
+        for (int j = 0; j < Q::CW; j++) load_x(kb, c, j, ch.x[c][j]);
+    }
   };
 
   auto compute = [&](int kb, const Chunk& ch) {
-    const int chunk = kb * 4 + tig;
-    const bool kv = chunk * Q::VPL < K;
     uint32_t s2[NWS][FN][2], b2[NWS][FN][2];
     float sf[NWS][FN][2], bf[NWS][FN][2];
 #pragma unroll
@@ -227,16 +245,14 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
                                   bf[s][f][h], a[s][f][h]);
 #pragma unroll
       for (int c = 0; c < CG; c++) {
-        uint32_t X[Q::VPW / 2];
-        if (kv && xrow[c] != nullptr) {
-          load_words<Q::VPW / 2>(
-              reinterpret_cast<const uint32_t*>(xrow[c] + chunk * Q::VPL + j * Q::VPW), X);
-        } else {
-#pragma unroll
-          for (int i = 0; i < Q::VPW / 2; i++) X[i] = 0u;
-        }
         uint32_t xp[Q::PPW];
-        x_pairs<Q::VPW>(X, xp);
+        if constexpr (XPF) {
+          x_pairs<Q::VPW>(ch.x[c][j], xp);
+        } else {
+          uint32_t X[Q::VPW / 2];
+          load_x(kb, c, j, X);
+          x_pairs<Q::VPW>(X, xp);
+        }
 #pragma unroll
         for (int t = 0; t < Q::PPW / 2; t++) {
           const uint32_t bfrag[2] = {xp[2 * t], xp[2 * t + 1]};

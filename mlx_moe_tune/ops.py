@@ -18,7 +18,7 @@ from .kernels import registry
 from .kernels.common import dtype_name, template_args
 from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
-from .kernels.plan import Plan, make_plan
+from .kernels.plan import Plan, as_plan, make_plan
 
 
 def _layout(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, int, tuple[int, ...]]:
@@ -207,9 +207,8 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     else:
         if plan is None:
             plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
-        elif plan.pairs != problem.rows or plan.experts != problem.experts:
-            raise ValueError(f"plan is for {plan.pairs} pairs / {plan.experts} experts, "
-                             f"this call has {problem.rows} / {problem.experts}")
+        else:
+            plan = as_plan(plan, problem.experts, problem.rows)
         y = _run(fam, problem, cfg, b, [x2, w, cast(scales), cast(biases), plan.order, plan.offsets], x_div)
     return y.reshape(*batch, 1, N)
 
@@ -232,6 +231,8 @@ def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_u
                        sorted_indices, top_k)
     if plan is None:
         plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+    else:
+        plan = as_plan(plan, problem.experts, problem.rows)
     y = _run(fam, problem, cfg, b, [x2, w_gate, cast(scales_gate), cast(biases_gate), w_up,
                                    cast(scales_up), cast(biases_up), plan.order, plan.offsets], x_div)
     return y.reshape(*batch, 1, N)

@@ -1,14 +1,17 @@
 """The routing plan the reuse kernels consume: pairs sorted by expert, and per-expert offsets.
 
-`mlx_moe_tune.routing.plan` (H-formats) is the home of this computation; `make_plan` uses it
-when present and otherwise computes the same fields with MLX ops (no host sync), so the op can
-sort once and reuse the plan for gate, up and down projections.
+Unsorted indices go through `mlx_moe_tune.routing.plan` (H-formats; stable sort, MLX ops, no
+host sync). Indices that are already grouped by expert (mlx-lm's sorted layout) skip the sort:
+the order is the identity and only the per-expert offsets are computed. Any object with
+`order` (P,) and `offsets` (E+1,) int32 arrays (e.g. a `routing.Plan`) can be passed to the op.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from .. import routing
 
 
 @dataclass(frozen=True)
@@ -22,18 +25,20 @@ class Plan:
 def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False) -> Plan:
     """Plan for the flattened `indices` (any shape; pair p = flat position p)."""
     flat = indices.reshape(-1).astype(mx.int32)
-    try:  # H-formats' routing.plan, when it exists
-        from .. import routing
-
-        if not sorted_indices:
-            p = routing.plan(indices.reshape(-1, indices.shape[-1] if indices.ndim else 1), experts)
-            return Plan(p.order.astype(mx.int32), p.offsets.astype(mx.int32), experts, flat.size)
-    except (ImportError, AttributeError, TypeError):
-        pass
-    if sorted_indices:  # already grouped by expert: identity order
-        order = mx.arange(flat.size, dtype=mx.int32)
-    else:
-        order = mx.argsort(flat).astype(mx.int32)
+    if not sorted_indices:
+        p = routing.plan(flat, experts)
+        return Plan(p.order, p.offsets, experts, flat.size)
     counts = mx.zeros((experts,), dtype=mx.int32).at[flat].add(mx.ones_like(flat))
     offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])
-    return Plan(order, offsets, experts, flat.size)
+    return Plan(mx.arange(flat.size, dtype=mx.int32), offsets, experts, flat.size)
+
+
+def as_plan(plan, experts: int, pairs: int) -> Plan:
+    """Accept our Plan or any object with order/offsets (routing.Plan); check it fits the call."""
+    order, offsets = getattr(plan, "order", None), getattr(plan, "offsets", None)
+    if order is None or offsets is None:
+        raise ValueError(f"plan must have `order` and `offsets` arrays, got {type(plan).__name__}")
+    if order.size != pairs or offsets.size != experts + 1:
+        raise ValueError(f"plan is for {order.size} pairs / {offsets.size - 1} experts, "
+                         f"this call has {pairs} / {experts}")
+    return Plan(order.astype(mx.int32), offsets.astype(mx.int32), experts, pairs)

@@ -21,3 +21,100 @@ def get(name: str) -> KernelFamily:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown kernel family {name!r}; choose from {sorted(FAMILIES)}") from None
+
+
+# --- sweep integration: tuned.<family> and tuned.auto -----------------------------------------
+# Each call rotates weight copies (case.rotation()) so timed calls stream from memory. The reuse
+# families run mlx-lm's sorted layout with the plan computed once per case (as gate/up/down
+# share it); qmv runs the per-token decode layout, which needs no plan; tuned.auto is the op's
+# own choice with its plan computed inside every call.
+
+
+def _sorted_plan(case):
+    """Plan of the sorted layout: identity order, the case's per-expert offsets (computed once)."""
+    from .plan import Plan
+
+    cached = getattr(case, "_mmt_sorted_plan", None)
+    if cached is None:
+        import mlx.core as mx
+
+        P = case.rows
+        cached = Plan(mx.arange(P, dtype=mx.int32), case.plan.offsets.astype(mx.int32), case.problem.experts, P)
+        mx.eval(cached.order, cached.offsets)
+        try:
+            case._mmt_sorted_plan = cached
+        except AttributeError:  # frozen case: recompute per build (still outside the timed call)
+            pass
+    return cached
+
+
+def _configs(fam):
+    def configs(case):
+        return fam.valid_configs(case.problem, case.backend)
+
+    return configs
+
+
+def _check(fam):
+    def check(case, config):
+        return fam.check(case.problem, config, case.backend)
+
+    return check
+
+
+def _build(fam):
+    from .. import ops
+
+    def build(case, config):
+        nxt, q = case.rotation(), case.quant
+        if fam.name == "qmv":
+            def call():
+                w, s, b = nxt()
+                return ops.gather_qmm(case.x_unsorted, w, s, b, case.idx_unsorted, **q, family="qmv",
+                                      config=config, validate=False, backend=case.backend)
+            return call
+        plan = _sorted_plan(case)
+        if fam.name == "qmm_glu":
+            def call():
+                (wg, sg, bg), (wu, su, bu) = nxt(), nxt()
+                return ops.gather_qmm_glu(case.x_sorted, wg, sg, bg, wu, su, bu, case.idx_sorted, **q,
+                                          sorted_indices=True, config=config, plan=plan, validate=False,
+                                          backend=case.backend)
+            return call
+
+        def call():
+            w, s, b = nxt()
+            return ops.gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, **q, sorted_indices=True,
+                                  family=fam.name, config=config, plan=plan, validate=False,
+                                  backend=case.backend)
+        return call
+
+    return build
+
+
+def _build_auto(case, config):
+    from .. import ops
+
+    nxt, q = case.rotation(), case.quant
+
+    def call():
+        w, s, b = nxt()
+        return ops.gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, **q, sorted_indices=True,
+                              validate=False, backend=case.backend)
+    return call
+
+
+def _register_sweep() -> None:
+    try:
+        from .. import sweep
+    except ImportError:  # a build without the sweep module
+        return
+    for fam in families():
+        nbytes = (lambda case: 2 * case.weight_bytes) if fam.name == "qmm_glu" else None
+        flops = (lambda case: 4.0 * case.rows * case.problem.k * case.problem.n) if fam.name == "qmm_glu" else None
+        sweep.register(sweep.SweepKernel(f"tuned.{fam.name}", _configs(fam), _build(fam), check=_check(fam),
+                                         nbytes=nbytes, flops=flops, family=fam))
+    sweep.register(sweep.SweepKernel("tuned.auto", lambda case: [None], _build_auto))
+
+
+_register_sweep()

@@ -1,0 +1,103 @@
+"""CUDA kernel families: tile validator and launch rules (always), and every shipped config vs the
+numpy reference on the CUDA emulator in check mode (ragged shapes: N=72 no multiple of any BN,
+experts with 0, 1 and more-than-BM rows, the per-token decode layout)."""
+from __future__ import annotations
+
+import pytest
+
+from mlx_moe_tune import selftest
+from mlx_moe_tune.backend import CUDA, EMULATOR_CUDA
+from mlx_moe_tune.kernels import registry
+from mlx_moe_tune.kernels.family import Problem, config_id
+from mlx_moe_tune.sources import read_source
+
+FAMILY_NAMES = ("qmv", "qmm", "qmm_glu")
+SEED = Problem(experts=128, k=2816, n=1408, rows=8 * 128, bits=4, group_size=64, dtype="bfloat16")
+
+
+def _emulator_cuda():
+    emu = pytest.importorskip("mlx_moe_tune.emulator")
+    if not hasattr(emu, "cuda_kernel"):
+        pytest.skip("emulator has no cuda_kernel yet")
+    return EMULATOR_CUDA
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_shipped_space_is_small_and_valid_on_seed_shape(name):
+    fam = registry.FAMILIES[name]
+    space = list(fam.configs("cuda"))
+    assert 8 <= len(space) <= 16  # every one is a separate NVRTC compile per shape
+    valid = fam.valid_configs(SEED, CUDA)
+    assert len(valid) >= len(space) - 2, [config_id(c) for c in space if c not in valid]
+    body, header = fam.sources["cuda"].text()
+    assert "mmt::" in body and "namespace mmt" in header
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_launch_geometry(name):
+    """Blocks only on grid.x (y/z are capped at 65535); x covers every (unit or pair, N tile)."""
+    fam = registry.FAMILIES[name]
+    for rows in (1, 8, 1000, 1 << 20):
+        p = Problem(experts=128, k=2816, n=1408, rows=rows, bits=4, group_size=64)
+        for cfg in fam.valid_configs(p, CUDA):
+            la = fam.launch(p, cfg, CUDA)
+            tg = la.threadgroup[0]
+            assert la.grid[1:] == (1, 1) and la.threadgroup[1:] == (1, 1)
+            assert la.grid[0] % tg == 0 and tg % 32 == 0 and tg <= 1024
+            blocks = la.grid[0] // tg
+            bn = 16 * cfg["FN"] * cfg["WN"]
+            n_tiles = -(-1408 // bn)
+            if name == "qmv":
+                assert blocks == rows * n_tiles
+            else:  # units: at least one per active expert, enough for every BM*MC rows
+                units = blocks // n_tiles
+                assert blocks % n_tiles == 0
+                assert units >= min(128, rows) and units * cfg["BM"] * cfg["MC"] >= rows
+
+
+def test_validator_reasons():
+    qmv, qmm, glu = (registry.FAMILIES[n] for n in FAMILY_NAMES)
+    ok = {"BM": 16, "FN": 2, "WN": 4, "WK": 1, "MC": 4}
+    assert qmm.check(SEED, ok, CUDA) is None
+    assert "multiple of 8" in qmm.check(SEED, {**ok, "BM": 12}, CUDA)
+    assert "threads" in qmm.check(SEED, {**ok, "WN": 16, "WK": 4}, CUDA)
+    assert "accumulator" in glu.check(SEED, {**ok, "BM": 64}, CUDA)
+    assert "float16 or bfloat16" in qmv.check(
+        Problem(4, 256, 72, 8, dtype="float32"), {"FN": 1, "WN": 2, "WK": 1}, CUDA)
+    assert "bits" in qmv.check(Problem(4, 256, 72, 8, bits=3), {"FN": 1, "WN": 2, "WK": 1}, CUDA)
+    assert "group size" in qmv.check(Problem(4, 256, 72, 8, group_size=16), {"FN": 1, "WN": 2, "WK": 1}, CUDA)
+    assert "multiple of the group size" in qmv.check(Problem(4, 96, 72, 8), {"FN": 1, "WN": 2, "WK": 1}, CUDA)
+    huge = Problem(128, 2816, 1408, 1 << 27)
+    assert "qmm" in qmv.check(huge, {"FN": 1, "WN": 2, "WK": 1}, CUDA)
+
+
+def test_sources_exist():
+    for fam in registry.families():
+        for src in fam.sources.values():
+            body, header = src.text()
+            assert body.strip() and header.strip()
+    assert "cp_async_16" in read_source("cuda/mmt_intrinsics.cuh")
+
+
+def test_every_shipped_config_on_emulator():
+    """All configs of all three families, one test process, one shape (compiles are cached)."""
+    backend = _emulator_cuda()
+    case = selftest.Case("ragged", counts=(0, 1, 5, 37), k=256, n=72)
+    fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
+    results = selftest.selftest(fams, backend, [case], check=True)
+    expected = sum(len(f.valid_configs(case.problem(), backend)) for f in fams)
+    assert len(results) == expected
+    bad = [selftest.format_row(r) for r in results if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("bits,gs,dtype,x_div", [(4, 32, "float16", 2), (8, 64, "bfloat16", 1),
+                                                  (2, 128, "float16", 1), (8, 32, "float16", 3)])
+def test_formats_on_emulator(bits, gs, dtype, x_div):
+    backend = _emulator_cuda()
+    counts = (3, 0, 1, 2) if x_div != 3 else (2, 1, 0, 3)
+    case = selftest.Case(f"{bits}b-gs{gs}-{dtype}", counts=counts, k=2 * gs, n=40, bits=bits, group_size=gs,
+                         dtype=dtype, x_div=x_div, configs="ends")
+    fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
+    results = selftest.selftest(fams, backend, [case], check=True)
+    assert results and all(r.ok for r in results), "\n".join(selftest.format_row(r) for r in results)
