@@ -345,3 +345,13 @@ def test_package_level_tune_is_callable(tmp_path):
                             cache=None, table_dir=tmp_path, iters=9)
     assert rep.tables[0].buckets[0].config == {"R": 1}
     assert mlx_moe_tune.tune.Budget is tune.Budget
+
+
+def test_cli_errors(capsys):
+    from mlx_moe_tune import cli
+
+    assert cli.main(["tune", "--shape", "4,64,32,3", "--m", "1", "--backend", "emulator-cuda"]) == 2
+    assert "divisible by top_k" in capsys.readouterr().err
+    assert cli.main(["tune", "--preset", "tiny", "--shape", "4,64,32,2"]) == 2
+    assert cli.main(["tune", "--shape", "4,64,32,2", "--families", "nope", "--backend", "emulator-cuda"]) == 2
+    assert "unknown kernel family" in capsys.readouterr().err
