@@ -562,6 +562,7 @@ class TuneReport:
     paths: list[Path] = field(default_factory=list)
     buckets: dict = field(default_factory=dict)  # (E,K,N) -> list[BucketResult]
     shapes: dict = field(default_factory=dict)  # Shape -> list[BucketResult]
+    skipped: list = field(default_factory=list)  # (Shape, m) not started before the deadline
     measured: int = 0
     cached: int = 0
     seconds: float = 0.0
@@ -599,9 +600,11 @@ def tune(
     log: Callable[[str], None] | None = None,
     meta: dict | None = None,
     retry_errors: bool = False,
+    deadline_s: float | None = None,
 ) -> TuneReport:
     """Tune every (shape, m) and write one table per shape (to the user table dir unless
-    `table_dir`). `families` are names (`qmv`, `tuned.qmm`) or SweepKernel-like objects."""
+    `table_dir`). `families` are names (`qmv`, `tuned.qmm`) or SweepKernel-like objects.
+    `deadline_s`: no new m bucket starts after this many seconds (what is done is kept)."""
     from . import tables
     from .backend import get_backend
 
@@ -627,6 +630,11 @@ def tune(
     for shape in shapes:
         brs = []
         for m in ms:
+            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                report.skipped.append((shape, m))
+                if log:
+                    log(f"E={shape.E} K={shape.K} N={shape.N} m={m}: skipped (deadline {deadline_s:g} s)")
+                continue
             point = Point(bench, shape.problem(m), m, shape.top_k, router, seed, b)
             br = tune_bucket(point, kernels, stock_kernel, budget=budget, cache=cache, bench=bench, iters=iters,
                              seed=seed, log=log, retry_errors=retry_errors)
@@ -808,6 +816,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="timing iterations at the last rung (default 30 on a GPU, 3 emulated)")
     p.add_argument("--router", default="balanced")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds: start no new m bucket after this (the tables keep what is done)")
     p.add_argument("--recheck", action="store_true", help="after tuning, re-measure the chosen configs from scratch")
     p.add_argument("--heuristic-gap", action="store_true",
                    help="after tuning, measure the untuned heuristic's choice on each shape held back")
@@ -866,7 +876,8 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     bench = Bench(b.name)
     rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
-               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log, retry_errors=args.retry_errors)
+               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log, retry_errors=args.retry_errors,
+               deadline_s=args.deadline)
     for p in rep.paths:
         print(f"wrote {p}")
     print(f"{rep.measured} measurements, {rep.cached} from the cache, {rep.seconds:.1f} s")

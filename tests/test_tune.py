@@ -355,3 +355,11 @@ def test_cli_errors(capsys):
     assert cli.main(["tune", "--preset", "tiny", "--shape", "4,64,32,2"]) == 2
     assert cli.main(["tune", "--shape", "4,64,32,2", "--families", "nope", "--backend", "emulator-cuda"]) == 2
     assert "unknown kernel family" in capsys.readouterr().err
+
+
+def test_deadline_keeps_what_is_done(tmp_path):
+    bench = FakeBench(sleep=0.05)
+    rep, _ = run(tmp_path, [FakeKernel(planted=False)], bench=bench, ms=(1, 2, 4, 8), deadline_s=0.1)
+    done = [br.m for br in rep.buckets[(4, 128, 32)]]
+    assert done and len(done) < 4 and [m for _, m in rep.skipped] == [m for m in (1, 2, 4, 8) if m not in done]
+    assert [b.m for b in rep.tables[0].buckets] == done
