@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 import types
@@ -306,8 +305,10 @@ def _one_line(e: BaseException) -> str:
 
 def candidates(point: Point, kernels: Sequence, budget: Budget, seed: int) -> tuple[list[Candidate], int]:
     """(candidates in evaluation order, size of the valid space). Exhaustive spaces keep their
-    natural order; otherwise each family's space is shuffled by a seed of (shape, family) so
-    the buckets of one shape share their sample, then families alternate."""
+    natural order. Otherwise each config gets a pseudo-random rank from a hash of (seed, shape,
+    family, config), not of m: every bucket of a shape ranks the configs the same way (even
+    where validity differs), so buckets share their sample and each config compiles once.
+    Families then take turns."""
     per_family = []
     for k in kernels:
         configs = list(k.configs(point.case))
@@ -316,17 +317,12 @@ def candidates(point: Point, kernels: Sequence, budget: Budget, seed: int) -> tu
     if budget.exhaustive(size):
         return [c for f in per_family for c in f], size
     shape = {x: point.key[x] for x in ("E", "K", "N", "mode", "bits", "group_size", "dtype", "backend")}
-    shuffled = []
-    for f in per_family:
-        if not f:
-            continue
-        rng = random.Random(json.dumps({**shape, "family": f[0].family, "seed": seed}, sort_keys=True))
-        # shuffle the family's full space, not this bucket's valid subset, so a config keeps
-        # its rank across buckets even where validity differs
-        f = sorted(f, key=lambda c: c.cid)
-        order = list(range(len(f)))
-        rng.shuffle(order)
-        shuffled.append([f[i] for i in order])
+
+    def rank(c: Candidate) -> str:
+        return hashlib.sha1(json.dumps({**shape, "seed": seed, "family": c.family, "config": c.cid},
+                                       sort_keys=True).encode()).hexdigest()
+
+    shuffled = [sorted(f, key=rank) for f in per_family if f]
     out = []
     for i in range(max((len(f) for f in shuffled), default=0)):
         out.extend(f[i] for f in shuffled if i < len(f))
