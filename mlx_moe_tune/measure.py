@@ -6,7 +6,8 @@ scales and biases of the *active* experts, each once) / median time of one call.
 Timing: warm up (first calls compile), then `iters` samples; each sample runs `batch` calls
 queued in one `mx.eval` between two `mx.synchronize()` and divides by `batch`, so MLX's host
 overhead (~7-8 us per launch on CUDA) overlaps with the GPU instead of being counted as kernel
-time. `batch` is picked so one sample lasts ~1 ms. We report the median and the 10th/90th
+time. `batch` is picked so one sample lasts ~5 ms (the first H100 run used ~1 ms samples
+and a batch cap of 16: its medians sat 5-15% above its p10 at small m, host jitter included). We report the median and the 10th/90th
 percentiles.
 
 Cache defeat: every call reads the next of `copies` identical copies of the weights, with enough
@@ -31,8 +32,8 @@ from .backend import Backend, get_backend
 from .kernels.family import Problem
 
 CACHE_FACTOR = 3  # copies' total bytes >= 3 x last-level cache
-SAMPLE_S = 1e-3  # target duration of one timing sample (batch of calls)
-MAX_BATCH = 16
+SAMPLE_S = 5e-3  # target duration of one timing sample (batch of calls)
+MAX_BATCH = 64
 MAX_MEASURE_S = 3.0  # iterations are cut (not below MIN_ITERS) when one point would take longer
 MIN_ITERS = 5
 GPU_PROBE_BYTES = 512 << 20  # >= 256 MB so no GPU cache holds it
@@ -123,7 +124,8 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3, batch: int | None = None) -> Timing:
+def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3, batch: int | None = None,
+            sample_s: float | None = None) -> Timing:
     """Time `fn()` (returns mx arrays) as described in the module docstring."""
     iters = iters or (50 if on_gpu() else 10)
     for _ in range(max(warmup, 1)):
@@ -134,7 +136,7 @@ def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3,
     mx.synchronize()
     single = max(time.perf_counter() - t0, 1e-7)
     if batch is None:
-        batch = int(min(MAX_BATCH, max(1, SAMPLE_S // single)))
+        batch = int(min(MAX_BATCH, max(1, (sample_s or SAMPLE_S) // single)))
     iters = int(max(min(iters, MIN_ITERS), min(iters, MAX_MEASURE_S // (single * batch))))
     samples = []
     for _ in range(iters):

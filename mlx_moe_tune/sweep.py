@@ -403,6 +403,8 @@ def _short(e: BaseException) -> str:
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("MLX_MOE_TUNE_COMMIT"):  # copies without .git (e.g. a device machine)
+        return os.environ["MLX_MOE_TUNE_COMMIT"]
     try:
         here = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
