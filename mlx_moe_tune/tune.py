@@ -482,11 +482,13 @@ class Bench:
 
         sweep.load_registry()
         available = {n: k for n, k in sweep.KERNELS.items() if n.startswith("tuned.")}
+        default = []
         try:
             from .kernels import registry
 
             for name in registry.FAMILIES:
                 available[f"tuned.{name}"] = _op_kernel(registry.FAMILIES[name])
+                default.append(f"tuned.{name}")
         except ImportError:
             pass
         if families:
@@ -497,8 +499,9 @@ class Bench:
                                  f"{', '.join(sorted(available)) or 'none'}")
             names = want
         else:
-            # the fused gate+up variant computes a different op: not a gather_qmm candidate
-            names = sorted(n for n in available if "glu" not in n)
+            # the registry's families, less the fused gate+up variant (a different op); sweep-only
+            # kernels such as tuned.auto (the op's own pick) are no tile space to search
+            names = sorted(n for n in default if "glu" not in n)
         return [available[n] for n in names]
 
     def stock(self):
