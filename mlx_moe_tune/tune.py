@@ -549,6 +549,7 @@ class Shape:
     bits: int = 4
     group_size: int = 64
     dtype: str = "bfloat16"
+    name: str = ""  # the preset's matrix name (gate_up, down, ...), for reports
 
     def problem(self, m: int) -> Problem:
         return Problem(experts=self.E, k=self.K, n=self.N, rows=m * self.E, bits=self.bits,
@@ -562,6 +563,8 @@ class TuneReport:
     buckets: dict = field(default_factory=dict)  # (E,K,N) -> list[BucketResult]
     shapes: dict = field(default_factory=dict)  # Shape -> list[BucketResult]
     skipped: list = field(default_factory=list)  # (Shape, m) not started before the deadline
+    router: str = "balanced"
+    seed: int = 0
     measured: int = 0
     cached: int = 0
     seconds: float = 0.0
@@ -572,10 +575,11 @@ class TuneReport:
         for shape, brs in self.shapes.items():
             for br in brs:
                 for r in ([br.stock] if br.stock else []) + br.results:
-                    out.append(dict(kernel=r.family, config=r.config_id, m=br.m, tokens=br.m * shape.E // shape.top_k,
-                                    experts=shape.E, top_k=shape.top_k, k=shape.K, n=shape.N, mode=shape.mode,
+                    out.append(dict(kernel=r.family, config=r.config_id, matrix=shape.name, m=br.m,
+                                    tokens=-(-br.m * shape.E // shape.top_k), experts=shape.E,
+                                    top_k=shape.top_k, k=shape.K, n=shape.N, mode=shape.mode,
                                     bits=shape.bits, group_size=shape.group_size, dtype=shape.dtype,
-                                    time_us=r.time_us, time_us_p10=r.time_us_p10, time_us_p90=r.time_us_p90,
+                                    router=self.router, seed=self.seed, time_us=r.time_us, time_us_p10=r.time_us_p10, time_us_p90=r.time_us_p90,
                                     gbps=r.gbps, iters=r.iters, status=r.status, error=r.error,
                                     chosen=br.best is r, message=r.message))
         return out
@@ -624,7 +628,7 @@ def tune(
     if not kernels:
         raise ValueError("no kernel family to tune (none registered for this build)")
     stock_kernel = bench.stock() if stock else None
-    report = TuneReport()
+    report = TuneReport(router=router, seed=seed)
     t0 = time.perf_counter()
     for shape in shapes:
         brs = []
@@ -846,7 +850,7 @@ def shapes_from_args(args) -> list[Shape]:
             if mt.k % preset.group_size:
                 raise ValueError(f"matrix {mt.name}: K={mt.k} is not a multiple of group size {preset.group_size}")
             sh = Shape(preset.experts, mt.k, mt.n, preset.top_k, preset.mode, preset.bits, preset.group_size,
-                       preset.dtype)
+                       preset.dtype, mt.name)
             if sh not in out:
                 out.append(sh)
     return out
