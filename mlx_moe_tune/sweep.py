@@ -41,7 +41,7 @@ class SweepKernel:
     """A measurable kernel. `configs(case)` lists its tile configs ([None] when untuned);
     `build(case, config)` returns a zero-argument callable producing the output mx.array (it
     should rotate weight copies via `case.rotation()`). Optional: `check(case, config)` -> reason
-    a config is invalid (row `skipped`), `nbytes(case)` bytes one call reads (default
+    the kernel cannot run this config here (config may be None; row `skipped: <reason>`), `nbytes(case)` bytes one call reads (default
     case.weight_bytes), `flops(case)` (default 2*P*K*N, 0 = not a matmul), `family` /
     `version` (for the tuner's cache)."""
 
@@ -157,6 +157,14 @@ def _build_gather_mm_bf16(case, config):
     return fn
 
 
+def _check_gather_mm(case, config):
+    from . import measure
+
+    if not measure.on_gpu() and case.problem.dtype != "float32":
+        return "MLX's CPU gather_mm supports only float32"
+    return None
+
+
 def _dense_bytes(case):
     import mlx.core as mx
 
@@ -183,7 +191,7 @@ register(SweepKernel(
     nbytes=lambda case: case.wset.expert_bytes, flops=lambda case: 2.0 * case.m * case.problem.k * case.problem.n,
 ))
 # GB/s of the bf16 reference counts the bf16 bytes it reads (3.5-4x the 4-bit bytes).
-register(SweepKernel("ref.gather_mm_bf16", _untuned, _build_gather_mm_bf16, nbytes=_dense_bytes))
+register(SweepKernel("ref.gather_mm_bf16", _untuned, _build_gather_mm_bf16, nbytes=_dense_bytes, check=_check_gather_mm))
 register(SweepKernel("ref.bandwidth", lambda case: ["sum", "copy"], _build_bandwidth,
                      nbytes=_bandwidth_bytes, flops=lambda case: 0.0))
 
@@ -572,7 +580,7 @@ def _measure_one(kernel: SweepKernel, case, config, iters) -> dict:
 
     from . import measure
 
-    if kernel.check is not None and config is not None:
+    if kernel.check is not None:
         reason = kernel.check(case, config)
         if reason:
             return {"status": f"skipped: {reason}"[:200].replace(",", ";")}

@@ -71,8 +71,8 @@ def test_tiny_sweep_csv_json_and_gbps(tmp_path):
     for r in rows:
         assert int(r["m"]) in (1, 4)
         assert (r["backend"], r["dtype"], r["mode"]) == ("cpu", "bfloat16", "affine")
-        if r["status"] != "ok":
-            assert r["status"].startswith("failed: ")
+        if r["status"] != "ok":  # only the bf16 reference may not run here (CPU gather_mm is float32-only)
+            assert r["kernel"] == "ref.gather_mm_bf16" and r["status"].startswith("skipped: "), r
             continue
         t, gbps, nbytes = float(r["time_us"]), float(r["gbps"]), int(r["weight_bytes"])
         assert gbps == pytest.approx(nbytes / (t * 1e-6) / 1e9, rel=1e-4)
