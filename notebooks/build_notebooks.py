@@ -16,13 +16,13 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 
 SETUP = '''\
+%matplotlib inline
 import json, os
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")  # headless in CI; inline display still works in Jupyter
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 from mlx_moe_tune import plot, tables
 
@@ -33,28 +33,26 @@ print("results:", RESULTS)
 
 LOAD_SWEEPS = '''\
 def load_sweeps(folder):
-    """Every sweep CSV of the folder (rows = (kernel, config, m) measurements) with its JSON sidecar."""
+    """Every sweep CSV of the folder with its JSON sidecar, plus the tuner's candidate list
+    (tune.csv: every config of every family at every m, timed by the same timer)."""
     frames, metas = [], {}
     for csv in sorted(Path(folder).glob("*.csv")):
-        df = pd.read_csv(csv)
-        if csv.stem.startswith("tune") or not {"kernel", "m", "gbps", "status", "router"} <= set(df.columns):
-            continue  # not a sweep (the tuner's candidate list is read by tuning_report)
+        df = plot.load(csv)
         df["source"] = csv.stem
         frames.append(df)
-        side = csv.with_suffix(".json")
-        if side.exists():
-            metas[csv.stem] = json.loads(side.read_text())
+        if csv.with_suffix(".json").exists():
+            metas[csv.stem] = json.loads(csv.with_suffix(".json").read_text())
     if not frames:
         raise FileNotFoundError(f"no sweep CSV in {folder}")
     return pd.concat(frames, ignore_index=True), metas
 
-sweeps, metas = load_sweeps(RESULTS)
-ok = sweeps[sweeps.status == "ok"]
-print(f"{len(sweeps)} rows from {sweeps.source.nunique()} files; kernels: {', '.join(sorted(sweeps.kernel.unique()))}")
+df, metas = load_sweeps(RESULTS)
+print(f"{len(df)} rows from {', '.join(sorted(df.source.unique()))}")
+print(df.groupby("kernel").status.value_counts().unstack(fill_value=0).to_string())
 for name, meta in metas.items():
     dev = meta.get("device", {})
     dev = dev.get("device_name", dev) if isinstance(dev, dict) else dev
-    print(f"  {name}: device={dev} mlx={meta.get('mlx_version', meta.get('mlx'))} date={meta.get('date')}")
+    print(f"{name}: device={dev} mlx={meta.get('mlx_version', meta.get('mlx'))} date={meta.get('date')}")
 '''
 
 CLIFF_MD = """\
@@ -62,58 +60,45 @@ CLIFF_MD = """\
 
 A MoE layer multiplies each expert's rows by that expert's quantized weights. With `m` rows per
 expert, a kernel that reuses each dequantized weight tile for all `m` rows stays bound by
-streaming the weights, so its GB/s (bytes of the active experts' weights / time) stays flat as
-`m` grows. MLX's stock kernels re-read the weights per row (CUDA) or per row tile: their time
-grows with `m` and their GB/s falls off a cliff. The tuned kernels (`tuned.*`, best tile config
-per `m`) should stay near the measured bandwidth roofline (`ref.bandwidth`).
+streaming the weights, so its GB/s (bytes of the active experts' weights / median time) stays
+flat as `m` grows. MLX's stock kernels re-read the weights per row (CUDA) or per row tile:
+their time grows with `m` and their GB/s falls off a cliff. The tuned kernels (`tuned.*`, best
+tile config per `m`) should stay near the bandwidth measured in the same run (`ref.bandwidth`).
 
-This notebook loads the committed H100 sweeps (`sweeps/results/h100/*.csv` + JSON sidecars)."""
+Data: the committed H100 sweeps (`sweeps/results/h100/*.csv` + JSON sidecars) and the tuner's
+candidate list (`tune.csv`)."""
 
 CLIFF_TABLE = '''\
-def best_per_m(df):
-    """Per (shape, m): stock GB/s, the best tuned config and its GB/s, the roofline."""
-    rows = []
-    for (E, K, N, m), g in df.groupby(["experts", "k", "n", "m"]):
-        stock = g[g.kernel == "stock.gather_qmm"].gbps.max()
-        tuned = g[g.kernel.str.startswith("tuned.") & (g.kernel != "tuned.auto")]
-        best = tuned.loc[tuned.gbps.idxmax()] if len(tuned) else None
-        roof = g[(g.kernel == "ref.bandwidth")].gbps.max()
-        rows.append(dict(E=E, K=K, N=N, m=m, stock_gbps=stock,
-                         tuned_kernel=None if best is None else best.kernel,
-                         tuned_config=None if best is None else best.config,
-                         tuned_gbps=None if best is None else best.gbps,
-                         roofline_gbps=roof,
-                         speedup=None if best is None or not stock else best.gbps / stock))
-    return pd.DataFrame(rows)
-
-summary = best_per_m(ok)
-summary.round(2)
+sp = plot.speedups(df)  # per shape and m: best tuned config vs stock
+probe = plot.probe_gbps(df)
+print(f"measured read bandwidth (ref.bandwidth): {probe:,.0f} GB/s" if probe else "no bandwidth probe rows")
+if probe and len(sp):
+    sp["tuned_pct_of_probe"] = 100 * sp.tuned_gbps / probe
+sp.round(2)
 '''
 
 CLIFF_PLOTS = '''\
-shapes = ok[["experts", "k", "n"]].drop_duplicates().sort_values(["k", "n"], ascending=[False, False])
-fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.5), squeeze=False)
-for ax, (_, s) in zip(axes[0], shapes.iterrows()):
-    d = ok[(ok.experts == s.experts) & (ok.k == s.k) & (ok.n == s.n)]
+groups = plot.shapes(df)
+fig, axes = plt.subplots(len(groups), 1, figsize=(12, 5 * len(groups)), squeeze=False, constrained_layout=True)
+for ax, (key, d) in zip(axes[:, 0], groups):
     plot.plot_cliff(d, ax=ax)
-fig.tight_layout()
 plt.show()
 '''
 
 SPEEDUP_PLOT = '''\
-fig, ax = plt.subplots(figsize=(6.5, 4))
-plot.plot_speedup(ok, ax=ax)
-fig.tight_layout()
+fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+plot.plot_speedup(df, ax=ax)
 plt.show()
 '''
 
 BASELINE_CHECK = '''\
-# DESIGN.md's stock baselines (E=128, top-8, K=2816, N=1408, 4-bit gs64): the committed sweep
-# should reproduce them within noise.
+# DESIGN.md's stock baselines (E=128, top-8, K=2816, N=1408, 4-bit gs64, bf16, H100): the
+# committed sweep should reproduce them within noise.
 design = {1: 841, 4: 302, 16: 87, 64: 23}
-seed = summary[(summary.K == 2816) & (summary.N == 1408)].set_index("m")
-pd.DataFrame([dict(m=m, design_gbps=g, measured_gbps=seed.stock_gbps.get(m),
-                   ratio=(seed.stock_gbps.get(m) or float("nan")) / g) for m, g in design.items()]).round(3)
+st = df[(df.kernel == "stock.gather_qmm") & (df.k == 2816) & (df.n == 1408) & (df.status == "ok")]
+st = st.groupby("m").gbps.median()
+pd.DataFrame([dict(m=m, design_gbps=g, measured_gbps=st.get(m), ratio=st.get(m, float("nan")) / g)
+              for m, g in design.items()]).round(3)
 '''
 
 REPORT_MD = """\
@@ -121,88 +106,95 @@ REPORT_MD = """\
 
 `mlx-moe-tune tune` searched every kernel family's valid tile space at each m bucket, verified
 every candidate against the reference before timing it, and wrote the winners to the tables
-shipped in `mlx_moe_tune/tables/` (schema: `docs/tuning.md`). This notebook shows the tables,
-the GB/s of every (config, m) the tuner measured, the speedup over stock `mx.gather_qmm`, the
-rerun check (does each table reproduce its recorded GB/s?) and how far the untuned heuristic
-falls behind the tuned choice on shapes held back from it."""
+shipped in `mlx_moe_tune/tables/` (schema: `docs/tuning.md`). Below: the tables, the GB/s of
+every (config, m) the tuner measured, the speedup over stock `mx.gather_qmm`, the rerun check
+(does each table reproduce its recorded GB/s on fresh inputs?) and how far the untuned
+heuristic falls behind the tuned choice on shapes held back from it."""
 
 LOAD_TABLES = '''\
-shipped = [t for t, err in tables.load_dir(tables.SHIPPED_DIR) if t is not None and t.backend == "cuda"]
+TABLES = Path(os.environ.get("MLX_MOE_TUNE_REPORT_TABLES", tables.SHIPPED_DIR))
+shipped = [t for t, err in tables.load_dir(TABLES) if t is not None]
 if not shipped:
-    raise FileNotFoundError(f"no shipped CUDA tables in {tables.SHIPPED_DIR}")
-rows = []
+    raise FileNotFoundError(f"no tuning table in {TABLES}")
+table_df = pd.DataFrame([dict(E=t.E, K=t.K, N=t.N, m=b.m, family=b.family, config=b.to_json()["config_id"],
+                              gbps=b.gbps, stock_gbps=b.stock_gbps, speedup=b.speedup)
+                         for t in shipped for b in t.buckets]).sort_values(["K", "N", "m"])
 for t in shipped:
-    for b in t.buckets:
-        rows.append(dict(device=t.device, E=t.E, K=t.K, N=t.N, m=b.m, family=b.family,
-                         config=tables.Bucket.to_json(b)["config_id"], gbps=b.gbps,
-                         stock_gbps=b.stock_gbps, speedup=b.speedup))
-table_df = pd.DataFrame(rows).sort_values(["K", "N", "m"])
-print(f"{len(shipped)} tables, device {shipped[0].device}, MLX {shipped[0].mlx_version}")
+    print(f"{t.path.name}\\n  mlx {t.mlx_version}, {t.meta.get('created')}, candidates per bucket "
+          f"{ {m: c for m, c in t.meta.get('candidates', {}).items()} }")
 table_df.round(2)
 '''
 
 LOAD_TUNE = '''\
-tune_csv = RESULTS / "tune.csv"
-cands = pd.read_csv(tune_csv)
-print(cands.status.value_counts().to_string())
-cands.groupby(["k", "n", "m"]).status.value_counts().unstack(fill_value=0).head(12)
+cands = plot.load(RESULTS / "tune.csv")
+tuned = cands[cands.kernel.str.startswith("tuned.")]
+print(f"{len(tuned)} candidate measurements (shape x m x config):")
+print(tuned.status.value_counts().to_string())
+bad = tuned[tuned.status.isin(["wrong", "error"])]
+bad[["k", "n", "m", "kernel", "config", "status", "message"]].drop_duplicates(["kernel", "config", "status"]).head(10)
 '''
 
 HEATMAPS = '''\
-tuned = cands[cands.kernel.str.startswith("tuned.") & (cands.status == "ok")].copy()
-shapes = tuned[["experts", "k", "n"]].drop_duplicates().sort_values(["k", "n"])
-fig, axes = plt.subplots(len(shapes), 1, figsize=(9, 5.5 * len(shapes)), squeeze=False)
-for ax, (_, s) in zip(axes[:, 0], shapes.iterrows()):
-    d = tuned[(tuned.experts == s.experts) & (tuned.k == s.k) & (tuned.n == s.n)]
-    plot.plot_heatmap(d, ax=ax)
-fig.tight_layout()
+# one heatmap per shape: every family's configs as rows ("qmv FN1_WN2_WK1"), m as columns
+hm = tuned.assign(config=tuned.kernel.str.replace("tuned.", "", regex=False) + " " + tuned.config, kernel="tuned")
+groups = plot.shapes(hm)
+fig, axes = plt.subplots(len(groups), 1, figsize=(9, 7 * len(groups)), squeeze=False, constrained_layout=True)
+for ax, (key, d) in zip(axes[:, 0], groups):
+    plot.plot_heatmap(d, "tuned", ax=ax)
 plt.show()
 '''
 
 TABLE_SPEEDUP = '''\
-# speedup of the tuned choice over stock mx.gather_qmm, per shape, from the tables
-as_rows = pd.concat([
-    table_df.assign(kernel="tuned", config=table_df.config, gbps=table_df.gbps),
-    table_df.assign(kernel="stock.gather_qmm", config="", gbps=table_df.stock_gbps),
-]).rename(columns={"E": "experts", "K": "k", "N": "n"})
-as_rows["status"] = "ok"
-fig, ax = plt.subplots(figsize=(6.5, 4))
-plot.plot_speedup(as_rows, ax=ax)
-fig.tight_layout()
+# the tables' chosen config vs stock mx.gather_qmm (both as recorded by the tuner)
+rows = []
+for t in shipped:
+    for b in t.buckets:
+        base = dict(matrix=f"K={t.K}", experts=t.E, k=t.K, n=t.N, m=b.m, mode=t.mode, bits=t.bits,
+                    group_size=t.group_size, dtype=t.dtype, device=t.device, backend=t.backend, status="ok")
+        rows.append(dict(base, kernel=f"tuned.{b.family}", config=b.to_json()["config_id"], gbps=b.gbps))
+        if b.stock_gbps:
+            rows.append(dict(base, kernel="stock.gather_qmm", config="", gbps=b.stock_gbps))
+fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+plot.plot_speedup(pd.DataFrame(rows), ax=ax)
+ax.set_yscale("log")
 plt.show()
 '''
 
 RECHECK = '''\
 recheck = pd.DataFrame(json.loads((RESULTS / "tune-recheck.json").read_text()))
-print(f"{recheck.within_10pct.sum()}/{len(recheck)} buckets reproduce their recorded GB/s within 10%")
+print(f"{int(recheck.within_10pct.sum())}/{len(recheck)} buckets reproduce their recorded GB/s within 10% "
+      f"(rerun / recorded: min {recheck.ratio.min():.3f}, median {recheck.ratio.median():.3f}, max {recheck.ratio.max():.3f})")
 recheck[["K", "N", "m", "family", "config", "recorded_gbps", "rerun_gbps", "ratio", "within_10pct"]].round(3)
 '''
 
 GAP = '''\
 gap = pd.DataFrame(json.loads((RESULTS / "tune-gap.json").read_text()))
+for name in ("heuristic", "rule"):
+    g = gap[f"{name}_gap"].dropna()
+    if len(g):
+        print(f"{name}: mean gap {g.mean():.1%}, median {g.median():.1%}, worst {g.max():.1%} over {len(g)} buckets")
 cols = ["K", "N", "m", "tuned_config", "tuned_gbps", "heuristic_source", "heuristic_config",
         "heuristic_gbps", "heuristic_gap", "rule_config", "rule_gbps", "rule_gap"]
-print("heuristic (nearest other shape's table): mean gap "
-      f"{gap.heuristic_gap.mean():.1%}, worst {gap.heuristic_gap.max():.1%}")
-print(f"rule (no table at all): mean gap {gap.rule_gap.mean():.1%}, worst {gap.rule_gap.max():.1%}")
 gap[[c for c in cols if c in gap.columns]].round(3)
 '''
 
 LOOKUP = '''\
-# what mlx_moe_tune.gather_qmm picks at run time (no host sync: m comes from shapes)
-from mlx_moe_tune.backend import CUDA
+# what mlx_moe_tune.gather_qmm picks on this device for a batch of tokens: m is estimated from
+# shapes only (expected active experts under uniform top-k routing, no host sync), then the
+# nearest m bucket (log2) of the table wins
 from mlx_moe_tune.kernels.family import Problem
 
 t = shipped[0]
+top_k = int(t.meta.get("top_k", 8))
 demo = []
 for tokens in (1, 4, 32, 256, 1024):
-    p = Problem(experts=t.E, k=t.K, n=t.N, rows=tokens * 8, bits=t.bits, group_size=t.group_size,
+    p = Problem(experts=t.E, k=t.K, n=t.N, rows=tokens * top_k, bits=t.bits, group_size=t.group_size,
                 mode=t.mode, dtype=t.dtype)
-    m = tables.estimate_m(p, top_k=8)
-    c = tables.choose(p, CUDA, top_k=8, table_dir=ROOT / "no-user-tables")
-    demo.append(dict(tokens=tokens, rows=p.rows, m_estimate=round(m, 2), bucket=c.bucket.m if c.bucket else None,
-                     family=c.family, config=tables.Bucket(0, c.family, c.config).to_json()["config_id"],
-                     source=c.source))
+    m = tables.estimate_m(p, top_k=top_k)
+    b = t.bucket(m)
+    demo.append(dict(tokens=tokens, rows=p.rows, m_estimate=round(m, 2), bucket=b.m, family=b.family,
+                     config=b.to_json()["config_id"], table_gbps=b.gbps))
+print(f"{t.device}, E={t.E} K={t.K} N={t.N}")
 pd.DataFrame(demo)
 '''
 
