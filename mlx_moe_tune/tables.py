@@ -434,23 +434,39 @@ def heuristic(problem, backend=None, *, m: float | None = None, table_dir=None,
 
 
 def rule(problem, backend=None, *, m: float | None = None) -> Choice | None:
-    """No table at all: a no-reuse (qmv) kernel while m is small, the reuse (qmm) kernel above.
+    """No table at all: the op's own default for the dialect (`ops.default_choice` for CUDA,
+    `metal_tiles.default_choice` for Metal: hand-set from measurements) when it is valid here;
+    otherwise a generic pick: the no-reuse `qmv` while m <= 2, the reuse `qmm` above, with the
+    row tile BM just covering m (a larger tile wastes work on padding rows, a smaller one
+    re-reads weights)."""
+    import dataclasses
 
-    Among the valid configs the rule prefers a row tile BM just covering m (a larger tile wastes
-    MMA work on padding rows, a smaller one re-reads weights) and the widest N tile otherwise.
-    """
     from .backend import get_backend
 
     b = get_backend(backend)
     mm = float(m) if m is not None else estimate_m(problem)
     fams = _families()
+    p = dataclasses.replace(problem, m=mm)
+    try:
+        if b.dialect == "metal":
+            from .kernels import metal_tiles
+
+            name, cfg = metal_tiles.default_choice(p, False)
+        else:
+            from . import ops
+
+            name, cfg = ops.default_choice(p, True)
+        if _valid(name, cfg, p, b):
+            return Choice(name, dict(cfg), "heuristic:rule")
+    except (ImportError, AttributeError, ValueError, KeyError, TypeError):
+        pass
     order = ["qmv", "qmm"] if mm <= 2 else ["qmm", "qmv"]
     for name in order:
         fam = fams.get(name)
         if fam is None:
             continue
         try:
-            configs = fam.valid_configs(problem, b)
+            configs = fam.valid_configs(p, b)
         except (ValueError, KeyError):
             continue
         if not configs:

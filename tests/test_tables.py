@@ -261,3 +261,17 @@ def test_shipped_tables_are_valid():
         assert err is None, err
         assert t.path.name == t.filename
         assert t.buckets and all(b.gbps and b.gbps > 0 for b in t.buckets)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_rule_is_the_ops_default_when_valid(m):
+    """With no table anywhere, the rule is what the op itself would run (measured defaults)."""
+    from mlx_moe_tune import ops
+
+    p = problem(E=8, K=256, N=128, m=m, rows=8 * m)
+    c = tables.rule(p, EMULATOR_CUDA, m=m)
+    import dataclasses
+
+    want = ops.default_choice(dataclasses.replace(p, m=float(m)), True)
+    assert (c.family, c.config) == (want[0], dict(want[1]))
+    assert c.source == "heuristic:rule"
