@@ -664,8 +664,22 @@ def tune(
         report.tables.append(table)
         if write and table.buckets:
             report.paths.append(tables.write_table(table, tables.user_dir(table_dir)))
+            _forget_choices()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _forget_choices() -> None:
+    """The op memoizes its table lookups: a table written now must be seen by the next call."""
+    from . import tables
+
+    tables.clear_cache()
+    try:
+        from . import ops
+
+        ops.clear_choice_cache()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _bucket(br: BucketResult):
