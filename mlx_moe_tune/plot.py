@@ -176,7 +176,7 @@ def plot_cliff(df, ax=None, configs: bool = False, peak: bool = True):
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
 
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:.3g}"))
     ax.set_ylabel("GB/s (weight bytes of active experts / median time)")
     if all_m and min(all_m) < REGIME_M <= max(all_m):
         ax.axvline(REGIME_M, color="gray", lw=0.8, ls="-.")
@@ -217,7 +217,7 @@ def plot_heatmap(df, kernel: str, ax=None):
             for j in range(piv.shape[1]):
                 v = piv.values[i, j]
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, f"{v:.0f}" if v >= 100 else f"{v:.3g}", ha="center", va="center", fontsize=6,
                             color="black" if v > 0.6 * vmax else "white")
     ax.figure.colorbar(im, ax=ax, label="GB/s")
     ax.set_title(f"{kernel}: GB/s by config and m\n{title(rows, key)}", fontsize=9)
