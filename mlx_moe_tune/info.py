@@ -78,7 +78,7 @@ def collect(probe: bool = True) -> dict:
     peak = peak_bandwidth(name)
     out["peak_gbps"], out["peak_source"] = (peak if peak else (None, "unknown device: no published peak in the table"))
     if probe:
-        out["measured_read_gbps"] = round(measure.measure_bandwidth("sum", iters=10), 1)
+        out["measured_read_gbps"] = round(measure.measure_bandwidth(iters=10), 1)
         out["probe_bytes"] = measure.probe_buffer().nbytes
     return out
 

@@ -116,12 +116,15 @@ def _log2_x(ax, ms):
 
 
 def probe_gbps(df) -> float | None:
-    """Median GB/s of the read probe (ref.bandwidth sum) in these rows."""
+    """Median over points of the best read probe (ref.bandwidth sum/rowsum) in these rows."""
     pr = _ok(df[df["kernel"] == "ref.bandwidth"])
     if pr.empty:
         return None
-    read = pr[pr["config"] == "sum"]
-    return float((read if not read.empty else pr)["gbps"].median())
+    read = pr[pr["config"].isin(("sum", "rowsum"))]
+    read = read if not read.empty else pr
+    keys = [c for c in ("matrix", "m") if c in read.columns]
+    best = read.groupby(keys)["gbps"].max() if keys else read["gbps"]
+    return float(best.median())
 
 
 def best_per_m(rows):

@@ -85,14 +85,16 @@ def test_tiny_sweep_csv_json_and_gbps(tmp_path):
             assert float(r["tflops"]) == pytest.approx(2 * m * E * K * N / (t * 1e-6) / 1e12, rel=1e-4)
         if r["kernel"] == "stock.quantized_matmul":
             assert nbytes == expert_bytes
-    # pct_roofline: against the read probe of the same m
+    # pct_roofline: against the better read probe (sum, rowsum) of the same m
     for m in ("1", "4"):
-        probe = [float(r["gbps"]) for r in rows if r["kernel"] == "ref.bandwidth" and r["config"] == "sum"
+        probe = [float(r["gbps"]) for r in rows if r["kernel"] == "ref.bandwidth" and r["config"] in ("sum", "rowsum")
                  and r["m"] == m]
-        assert len(probe) == 1
+        assert len(probe) == 2
         for r in rows:
             if r["m"] == m and r["status"] == "ok" and r["kernel"] != "ref.bandwidth":
-                assert float(r["pct_roofline"]) == pytest.approx(100 * float(r["gbps"]) / probe[0], rel=1e-3)
+                assert float(r["pct_roofline"]) == pytest.approx(100 * float(r["gbps"]) / max(probe), rel=1e-3)
+        copy = [r for r in rows if r["kernel"] == "ref.bandwidth" and r["config"] == "copy" and r["m"] == m][0]
+        assert int(copy["weight_bytes"]) == 2 * measure.CPU_PROBE_BYTES  # read + write
     meta = json.loads(out.with_suffix(".json").read_text())
     for key in ("device_info", "backend", "mlx_version", "package_version", "git_commit", "date", "shape",
                 "format", "router", "seed", "cache_defeat", "iters", "points"):
@@ -114,7 +116,7 @@ def test_default_tiny_sweep_is_quick(tmp_path):
 def test_resume_skips_done_rows(tmp_path):
     rc, out = _sweep(tmp_path, "--m", "1,2", "--iters", "2", "--kernels", "stock.gather_qmm,ref.bandwidth")
     first = _rows(out)
-    assert rc == 0 and len(first) == 2 * 3  # 2 m x (gather_qmm + probe sum + probe copy)
+    assert rc == 0 and len(first) == 2 * 4  # 2 m x (gather_qmm + probes sum, rowsum, copy)
     # a sweep killed halfway: header and the first rows survive
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:3]))
@@ -122,11 +124,16 @@ def test_resume_skips_done_rows(tmp_path):
                      "--resume")
     rows = _rows(out)
     keys = [(r["kernel"], r["config"], r["m"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 3 * 3
+    assert len(keys) == len(set(keys)) == 3 * 4
     assert rows[:2] == first[:2]  # kept as they were, not re-measured
+    # a CSV with other columns is refused rather than mixed
+    other = tmp_path / "other.csv"
+    other.write_text("kernel,m,gbps\nx,1,2\n")
+    with pytest.raises(ValueError, match="other columns"):
+        sweep._read_done(other)
     # nothing left to do: no new rows
     _sweep(tmp_path, "--m", "1,2,4", "--iters", "2", "--kernels", "stock.gather_qmm,ref.bandwidth", "--resume")
-    assert len(_rows(out)) == 9
+    assert len(_rows(out)) == 12
 
 
 @pytest.fixture
