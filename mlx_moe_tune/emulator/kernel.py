@@ -402,7 +402,9 @@ _SITE = "({ static char mmt_emu_site_; (const void*)&mmt_emu_site_; })"
 
 
 def _rewrite_decl(m: re.Match) -> str:
-    t, name, dims = m.group("type").strip(), m.group("name"), re.sub(r"\s+", "", m.group("dims") or "")
+    t, name = m.group("type").strip(), m.group("name")
+    # each bound in parentheses: a `>` inside it must not close the template argument list
+    dims = "".join(f"[({d})]" for d in re.findall(r"\[([^\]]*)\]", m.group("dims") or ""))
     if m.groupdict().get("ext"):
         return f"{t}* const {name} = reinterpret_cast<{t}*>(::mmt_emu::dyn_smem());"
     return f"auto& {name} = *::mmt_emu::tg_alloc<{t}{dims}>({_SITE});"
