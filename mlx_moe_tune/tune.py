@@ -715,9 +715,9 @@ def _bucket_line(shape: Shape, br: BucketResult) -> str:
     counts = " ".join(f"{k}={v}" for k, v in sorted(c.items()))
     if br.best is None:
         return f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: no valid candidate ({counts})"
-    stock = f"{br.stock.gbps:.0f}" if br.stock is not None and br.stock.gbps else "-"
+    stock = f"{br.stock.gbps:.4g}" if br.stock is not None and br.stock.gbps else "-"
     return (f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: {br.best.family} {br.best.config_id} "
-            f"{br.best.gbps or 0:.0f} GB/s (stock {stock}) [{counts}; measured {br.measured}, cached {br.cached}, "
+            f"{br.best.gbps or 0:.4g} GB/s (stock {stock}) [{counts}; measured {br.measured}, cached {br.cached}, "
             f"{br.seconds:.1f}s]")
 
 
