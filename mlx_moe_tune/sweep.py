@@ -353,6 +353,10 @@ def make_plan(args) -> Plan:
             raise ValueError(f"matrix {mt.name}: K={mt.k} is not a multiple of group size {gs}")
     if args.router not in ROUTERS:
         raise ValueError(f"--router {args.router!r}: choose from {', '.join(ROUTERS)}")
+    if args.active is not None and not preset.top_k <= args.active <= preset.experts:
+        raise ValueError(f"--active {args.active}: must lie in [top_k={preset.top_k}, experts={preset.experts}]")
+    if not (args.skew >= 0 and args.skew < float("inf")):
+        raise ValueError(f"--skew must be a finite number >= 0, got {args.skew}")
     if args.iters is not None and args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
     ms = parse_m(args.m or preset.m)

@@ -33,6 +33,8 @@ def _err(capsys, argv):
     (["--shape", "8,100,128,2"], ["K=100", "group size 64"]),
     (["--router", "random"], ["--router"]),
     (["--kernels", "nope.*"], ["matches no kernel"]),
+    (["--router", "sparse", "--active", "1"], ["--active 1", "top_k=2"]),
+    (["--iters", "0"], ["--iters"]),
     (["--preset", "tiny", "--shape", "8,256,128,2"], ["not both"]),
 ])
 def test_sweep_rejects_bad_input(tmp_path, capsys, args, words):
