@@ -237,7 +237,7 @@ def write_table(table: Table, directory: str | os.PathLike) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _INDEX.pop(str(directory.resolve()), None)
+    clear_cache()  # the same directory may be indexed under several spellings
     return path
 
 
@@ -249,13 +249,13 @@ def read_table(path: str | os.PathLike) -> Table:
 
 # --- lookup ---------------------------------------------------------------------------------
 
-_INDEX: dict[str, dict[tuple, list[Table]]] = {}  # resolved dir -> key -> tables (best first)
+_INDEX: dict[str, dict[tuple, list[Table]]] = {}  # dir as given -> key -> tables (best first)
 
 
 def _index(directory: Path) -> dict[tuple, list[Table]]:
     """All readable tables of a directory by key, loaded once. Unreadable files are skipped
     (a user's broken table must not break every gather_qmm call); `load_dir` reports them."""
-    k = str(directory.resolve()) if directory.exists() else str(directory)
+    k = str(directory)  # no resolve()/exists(): after the first call, a lookup touches no file
     idx = _INDEX.get(k)
     if idx is None:
         idx = {}

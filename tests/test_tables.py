@@ -142,7 +142,9 @@ def test_lookup_is_cached_no_io_after_first(dirs, monkeypatch):
     assert tables.lookup(p, EMULATOR_CUDA)[0] == "qmm"
     opened = []
     monkeypatch.setattr(tables, "read_table", lambda path: opened.append(path))
-    monkeypatch.setattr(Path, "glob", lambda self, pat: opened.append(pat) or iter(()))
+    for name in ("glob", "exists", "is_dir", "resolve", "stat", "open"):
+        monkeypatch.setattr(Path, name, lambda self, *a, _n=name, **k: opened.append((_n, self)))
+    monkeypatch.setattr(tables.os, "stat", lambda *a, **k: opened.append(("os.stat", a)))
     for m in (1, 2, 4, 16, 64):
         assert tables.lookup(problem(m=m), EMULATOR_CUDA)[0] == "qmm"
     assert opened == []
