@@ -281,8 +281,13 @@ def load_dir(directory: str | os.PathLike) -> list[tuple[Table | None, str | Non
     return out
 
 
+_CHOICES: dict[tuple, Choice | None] = {}
+
+
 def clear_cache() -> None:
+    """Forget loaded tables and memoized choices (a new table was written, a test moved dirs)."""
     _INDEX.clear()
+    _CHOICES.clear()
 
 
 def table_dirs(table_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -354,7 +359,23 @@ def choose(
     top_k: int | None = None,
     heuristic_fallback: bool = True,
 ) -> Choice | None:
-    """Like `lookup`, but says where the choice came from."""
+    """Like `lookup`, but says where the choice came from. Memoized per (problem, backend,
+    directories, m, top_k): the op calls this on every gather_qmm."""
+    memo_key = (problem, backend if isinstance(backend, (str, type(None))) else backend.name,
+                None if table_dir is None else str(table_dir), os.environ.get(ENV_VAR), m, top_k, heuristic_fallback)
+    try:
+        return _CHOICES[memo_key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable field: just do the work
+        memo_key = None
+    c = _choose(problem, backend, table_dir, m, top_k, heuristic_fallback)
+    if memo_key is not None:
+        _CHOICES[memo_key] = c
+    return c
+
+
+def _choose(problem, backend, table_dir, m, top_k, heuristic_fallback) -> Choice | None:
     from .backend import get_backend
 
     b = get_backend(backend)

@@ -134,6 +134,22 @@ def test_lookup_order_user_then_shipped_then_heuristic(dirs, monkeypatch):
     assert tables.lookup(problem(N=96, m=4), EMULATOR_CUDA, heuristic_fallback=False) is None
 
 
+def test_lookup_memo_follows_env_and_clear(dirs):
+    """A memoized choice is not stale: another $MLX_MOE_TUNE_TABLES or a written table is seen."""
+    user, shipped = dirs
+    tables.write_table(make_table("a"), user)
+    assert tables.lookup(problem(m=1), EMULATOR_CUDA)[0] == "a"
+    other = user.parent / "other"
+    tables.write_table(make_table("b"), other)  # write_table clears the memo
+    os.environ[tables.ENV_VAR] = str(other)
+    try:
+        assert tables.lookup(problem(m=1), EMULATOR_CUDA)[0] == "b"
+    finally:
+        os.environ[tables.ENV_VAR] = str(user)
+    tables.write_table(make_table("c"), user)
+    assert tables.lookup(problem(m=1), EMULATOR_CUDA)[0] == "c"
+
+
 def test_lookup_is_cached_no_io_after_first(dirs, monkeypatch):
     user, _ = dirs
     tables.write_table(make_table("qmm", 1), user)
@@ -248,6 +264,7 @@ def test_heuristic_nearest_shape_then_rule(dirs, monkeypatch):
     assert c.source == "heuristic:rule" and c.family == "qmv"
     # another device of the same backend is borrowed from only after this device's tables
     monkeypatch.setattr(tables, "device_name", lambda b: "other-gpu")
+    tables.clear_cache()  # choices are memoized: the device does not change in a real process
     c = tables.choose(problem(K=512, N=192, m=4), EMULATOR_CUDA)
     assert c.source == "heuristic:other-device" and c.config["TAG"] == 7
 
