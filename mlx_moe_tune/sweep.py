@@ -34,7 +34,6 @@ COLUMNS = [
 KEY_COLUMNS = ["kernel", "config", "matrix", "m", "experts", "top_k", "k", "n", "mode", "bits",
                "group_size", "dtype", "router", "seed"]
 ROUTERS = ("balanced", "uniform", "skewed", "sparse")
-READ_PROBES = ("sum", "rowsum")  # ref.bandwidth configs that only read: pct_roofline uses the best
 
 
 @dataclass
@@ -179,6 +178,18 @@ def _build_bandwidth(case, config):
     return measure.bandwidth_fn(config)[0]
 
 
+def _read_probes():
+    from . import measure
+
+    return measure.READ_PROBES
+
+
+def _probe_ops(case):
+    from . import measure
+
+    return list(measure.probes())
+
+
 def _bandwidth_bytes(case, config=None):
     from . import measure
 
@@ -193,7 +204,7 @@ register(SweepKernel(
 ))
 # GB/s of the bf16 reference counts the bf16 bytes it reads (3.5-4x the 4-bit bytes).
 register(SweepKernel("ref.gather_mm_bf16", _untuned, _build_gather_mm_bf16, nbytes=_dense_bytes, check=_check_gather_mm))
-register(SweepKernel("ref.bandwidth", lambda case: ["sum", "rowsum", "copy"], _build_bandwidth,
+register(SweepKernel("ref.bandwidth", _probe_ops, _build_bandwidth,
                      nbytes=_bandwidth_bytes, flops=lambda case: 0.0))
 
 
@@ -457,8 +468,8 @@ def metadata(plan: Plan, backend_name: str) -> dict:
         "timing": f"warm-up 3 calls; median/p10/p90 over `iters` samples, each = `batch` calls in one mx.eval "
                   f"between mx.synchronize() / batch (batch sized for ~{measure.SAMPLE_S * 1e3:g} ms samples)",
         "gbps": "weight_bytes (active experts' w+scales+biases, one read) / median time; ref.gather_mm_bf16 "
-                "counts its bf16 bytes; ref.bandwidth: sum/rowsum = read, copy = read+write",
-        "pct_roofline": "gbps / best read probe (ref.bandwidth sum or rowsum) measured at the same point",
+                "counts its bf16 bytes; ref.bandwidth: sum/rowsum/stream = read, copy = read+write",
+        "pct_roofline": "gbps / best read probe (ref.bandwidth sum, rowsum or stream) measured at the same point",
     }
 
 
@@ -482,7 +493,7 @@ def _read_done(path: Path) -> tuple[set, dict]:
                              "use a new -o file")
         for row in reader:
             done.add(tuple(str(row.get(c, "")) for c in KEY_COLUMNS))
-            if row.get("kernel") == "ref.bandwidth" and row.get("config") in READ_PROBES and row.get("status") == "ok":
+            if row.get("kernel") == "ref.bandwidth" and row.get("config") in _read_probes() and row.get("status") == "ok":
                 k = (row.get("matrix"), row.get("m"))
                 probe[k] = max(probe.get(k, 0.0), float(row["gbps"]))
     return done, probe
@@ -558,7 +569,7 @@ def run_sweep(plan: Plan, *, router="balanced", seed=0, iters=None, resume=False
                         if tuple(str(row.get(c, "")) for c in KEY_COLUMNS) in done:
                             continue
                         row.update(_measure_one(kernel, case, config, iters))
-                        if name == "ref.bandwidth" and config in READ_PROBES and row["status"] == "ok":
+                        if name == "ref.bandwidth" and config in _read_probes() and row["status"] == "ok":
                             k = (mt.name, str(m))
                             probe[k] = max(probe.get(k, 0.0), row["gbps"])
                         roof = probe.get((mt.name, str(m))) or (max(probe.values()) if probe else None)

@@ -1,0 +1,19 @@
+// Bandwidth probe: stream-read `a` once with 128-bit loads, 4 in flight per thread.
+// Each thread xor-folds what it read into out[tid] so the loads cannot be optimized away;
+// out is ~1 MB, noise next to the >= 256 MB read. Launch: any grid, in threads.
+const uint4* p = reinterpret_cast<const uint4*>(a);
+const size_t n = size_t(a_shape[0]) / 4;
+const size_t tid = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+const size_t stride = size_t(gridDim.x) * blockDim.x;
+uint32_t acc = 0;
+size_t i = tid;
+for (; i + 3 * stride < n; i += 4 * stride) {
+  uint4 v0 = p[i], v1 = p[i + stride], v2 = p[i + 2 * stride], v3 = p[i + 3 * stride];
+  acc ^= v0.x ^ v0.y ^ v0.z ^ v0.w ^ v1.x ^ v1.y ^ v1.z ^ v1.w;
+  acc ^= v2.x ^ v2.y ^ v2.z ^ v2.w ^ v3.x ^ v3.y ^ v3.z ^ v3.w;
+}
+for (; i < n; i += stride) {
+  uint4 v = p[i];
+  acc ^= v.x ^ v.y ^ v.z ^ v.w;
+}
+out[tid] = acc;
