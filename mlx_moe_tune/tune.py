@@ -6,8 +6,9 @@ For every (shape, m bucket) the tuner
      sample taken round-robin over the families. The sample is seeded by the shape, not by m,
      so every m bucket of a shape sees mostly the same configs and each compiles once;
   3. runs each candidate once and compares its output with the reference (the numpy
-     `formats.reference_gather_qmm` for small problems, MLX's own `mx.gather_qmm` for large
-     ones). A wrong or failing candidate is recorded with its status and never timed or chosen;
+     `formats.reference_gather_qmm` for small problems; for large ones MLX's dequantize and a
+     float32 gather_mm, `measure.case_reference`: no quantized kernel involved either way). A
+     wrong or failing candidate is recorded with its status and never timed or chosen;
   4. times the verified candidates with H-sweep's timer (`measure.py`): all at full iterations
      when exhaustive, else successive halving (cheap timing for all, then the best third
      re-timed with more iterations, ...);
@@ -458,20 +459,12 @@ class Bench:
         return int(case.weight_bytes)
 
     def kernel_version(self, kernel) -> str:
-        """Hash of the kernel's source text: an edited kernel is re-verified, not trusted."""
-        v = getattr(kernel, "version", None)
-        if v is not None:
-            return str(v)
-        fam = getattr(kernel, "family", None)
-        srcs = getattr(fam, "sources", None)
-        if not srcs:
-            return ""
-        h = hashlib.sha1()
-        for d in sorted(srcs):
-            body, header = srcs[d].text()
-            h.update(body.encode())
-            h.update(header.encode())
-        return h.hexdigest()[:12]
+        """Hash of the kernel's source text: an edited kernel is re-verified, not trusted.
+        Read once per kernel object (sources do not change within a run)."""
+        memo = self.__dict__.setdefault("_versions", {})
+        if id(kernel) not in memo:
+            memo[id(kernel)] = (kernel, _source_hash(kernel))  # holding kernel keeps its id unique
+        return memo[id(kernel)][1]
 
     def kernels(self, families: Sequence[str] | None):
         """Every kernel family of the registry, run through the public op
@@ -508,6 +501,21 @@ class Bench:
         from . import sweep
 
         return sweep.KERNELS.get("stock.gather_qmm")
+
+
+def _source_hash(kernel) -> str:
+    v = getattr(kernel, "version", None)
+    if v is not None:
+        return str(v)
+    srcs = getattr(getattr(kernel, "family", None), "sources", None)
+    if not srcs:
+        return ""
+    h = hashlib.sha1()
+    for d in sorted(srcs):
+        body, header = srcs[d].text()
+        h.update(body.encode())
+        h.update(header.encode())
+    return h.hexdigest()[:12]
 
 
 def _op_kernel(family):
