@@ -296,7 +296,8 @@ MMT_EMU_INLINE void __trap() { ::mmt_emu::fail_in(::mmt_emu::cur_fiber(), "__tra
 // ---------------------------------------------------------------------------------------------
 // synchronization and warp functions
 // ---------------------------------------------------------------------------------------------
-MMT_EMU_INLINE void __syncthreads() { ::mmt_emu::barrier("__syncthreads"); }
+MMT_EMU_INLINE void mmt_syncthreads_at(int line) { ::mmt_emu::barrier("__syncthreads", line); }
+#define __syncthreads() mmt_syncthreads_at(__LINE__)
 MMT_EMU_INLINE void __syncwarp(unsigned mask = 0xffffffffu) { ::mmt_emu::coll_sync(mask, "__syncwarp"); }
 MMT_EMU_INLINE unsigned __activemask() { return ::mmt_emu::coll_active(0, "__activemask"); }
 MMT_EMU_INLINE unsigned __lanemask_lt() { return (1u << ::mmt_emu::cur_fiber()->lane) - 1u; }

@@ -454,6 +454,8 @@ struct mem_flags {
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
 
 MMT_EMU_INLINE void threadgroup_barrier(uint = 0) { ::mmt_emu::barrier("threadgroup_barrier"); }
+MMT_EMU_INLINE void mmt_threadgroup_barrier_at(int line, uint = 0) { ::mmt_emu::barrier("threadgroup_barrier", line); }
+#define threadgroup_barrier(...) mmt_threadgroup_barrier_at(__LINE__, ##__VA_ARGS__)
 MMT_EMU_INLINE void simdgroup_barrier(uint = 0) { ::mmt_emu::coll_sync(0, "simdgroup_barrier"); }
 
 template <class T>

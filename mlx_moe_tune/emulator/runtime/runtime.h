@@ -339,9 +339,9 @@ MMT_EMU_RT inline void resolve_sg(Group* g, int s, Fiber* cur) {
     } else {
       for (int i2 = i; i2 < e; i2++) {
         Fiber* o = g->fibers[i2];
-        if (o->state == WAIT_SIMD && !done[i2 - b] && o->coll.mask == 0 && o->coll.site == f->coll.site) {
-          if (o->coll.resolve != f->coll.resolve)
-            fail_in(o, "simdgroup collective mismatch at one call site (%s vs %s)", o->coll.what, f->coll.what);
+        // Lanes are matched by operation, not by code address: the optimizer duplicates code
+        // paths, so one source-level collective may run from several call instructions.
+        if (o->state == WAIT_SIMD && !done[i2 - b] && o->coll.mask == 0 && o->coll.resolve == f->coll.resolve) {
           lanes[i2 - b] = o;
           done[i2 - b] = true;
         }
@@ -349,8 +349,8 @@ MMT_EMU_RT inline void resolve_sg(Group* g, int s, Fiber* cur) {
     }
     groups++;
     if (groups > 1 && g->L->check && f->coll.mask == 0)
-      fail_in(f, "divergent SIMD-group collectives: lanes of simdgroup %d wait at different call sites "
-                 "(%s); reconvergence order is not modeled", s, f->coll.what);
+      fail_in(f, "divergent SIMD-group collectives: lanes of simdgroup %d wait in different collective "
+                 "operations at once (%s and another); reconvergence order is not modeled", s, f->coll.what);
     f->coll.resolve(lanes, g);
     for (int k = 0; k < kSimd; k++)
       if (lanes[k]) set_runnable(g, lanes[k]);
@@ -376,8 +376,9 @@ MMT_EMU_RT inline void release_barrier(Group* g, Fiber* cur) {
       if (g->fibers[i]->bar_site != site) {
         char thr[256];
         describe_thread(g->fibers[i], thr, sizeof thr);
-        fail_in(cur, "divergent barrier: threads of one group wait at different barrier call sites "
-                     "(thread 0 at %p, thread [%s] at %p)", site, thr, g->fibers[i]->bar_site);
+        fail_in(cur, "divergent barrier: threads of one group wait at different barriers "
+                     "(thread 0 at line %d, thread [%s] at line %d of the generated source)",
+                (int)(uintptr_t)site, thr, (int)(uintptr_t)g->fibers[i]->bar_site);
       }
   }
   for (int i = 0; i < g->n; i++) set_runnable(g, g->fibers[i]);
@@ -903,7 +904,11 @@ MMT_EMU_RT inline void coll_sync(uint32_t mask, const char* what) {
   Arg<uint32_t> a{0u, 0u, 0, kSimd};
   collective(&resolve_nop, &a, mask, MMT_EMU_SITE, what);
 }
-MMT_EMU_RT inline void barrier(const char*) { barrier_at(MMT_EMU_SITE); }
+// site = source line of the barrier call (0 when unknown): threads of a group must wait at the
+// same line (check mode). Code addresses cannot be used: the optimizer duplicates paths.
+MMT_EMU_RT inline void barrier(const char*, int line = 0) {
+  barrier_at(reinterpret_cast<const void*>(uintptr_t(line)));
+}
 
 // ------------------------------------------------------------------------------------------
 // atomics on device / threadgroup memory (real atomics: groups run on several OS threads)
