@@ -666,6 +666,9 @@ def tune(
                 package_version=_package_version(), top_k=shape.top_k, router=router, seed=seed, iters=iters,
                 budget={"configs": budget.configs, "seconds": budget.seconds},
                 candidates={str(br.m): _counts(br) for br in brs},
+                # which kernel sources the choices were measured with (a later edit may change them)
+                kernel_sources={k.name: bench.kernel_version(k) for k in kernels},
+                commit=_commit(),
                 **(meta or {}),
             ),
         )
@@ -710,6 +713,15 @@ def _counts(br: BucketResult) -> dict:
     for r in br.results:
         out[r.status] = out.get(r.status, 0) + 1
     return out
+
+
+def _commit() -> str | None:
+    try:
+        from .sweep import _git_commit
+
+        return _git_commit()
+    except ImportError:
+        return None
 
 
 def _package_version() -> str:
