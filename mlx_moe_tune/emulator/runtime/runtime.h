@@ -320,22 +320,24 @@ MMT_EMU_RT inline void resolve_sg(Group* g, int s, Fiber* cur) {
     for (int k = 0; k < kSimd; k++) lanes[k] = nullptr;
     if (f->coll.mask != 0) {  // CUDA: exactly the lanes named in the mask
       const uint32_t mask = f->coll.mask;
-      for (int k = 0; k < kSimd; k++) {
+      if (!((mask >> f->lane) & 1u))
+        fail_in(f, "%s: calling lane %u is not in mask 0x%08x", f->coll.what, f->lane, mask);
+      bool ready = true;
+      for (int k = 0; k < kSimd && ready; k++) {
         if (!((mask >> k) & 1u)) continue;
         if (b + k >= g->n) fail_in(f, "%s: mask 0x%08x names lane %d, which does not exist", f->coll.what, mask, k);
         Fiber* o = g->fibers[b + k];
         if (o->state == DONE)
           fail_in(f, "%s: mask 0x%08x names lane %d, which has exited", f->coll.what, mask, k);
-        if (o->state != WAIT_SIMD)
-          fail_in(f, "deadlock: %s with mask 0x%08x waits for lane %d, which waits at a barrier", f->coll.what, mask, k);
-        if (o->coll.mask != mask || o->coll.resolve != f->coll.resolve)
-          fail_in(f, "%s (mask 0x%08x): lane %d is in a different warp collective (%s, mask 0x%08x)",
-                  f->coll.what, mask, k, o->coll.what, o->coll.mask);
-        lanes[k] = o;
-        done[k] = true;
+        if (o->state != WAIT_SIMD || done[k] || o->coll.mask != mask || o->coll.resolve != f->coll.resolve)
+          ready = false;  // that lane may still arrive (deadlock detection catches it if not)
       }
-      if (!((mask >> f->lane) & 1u))
-        fail_in(f, "%s: calling lane %u is not in mask 0x%08x", f->coll.what, f->lane, mask);
+      if (!ready) continue;
+      for (int k = 0; k < kSimd; k++)
+        if ((mask >> k) & 1u) {
+          lanes[k] = g->fibers[b + k];
+          done[k] = true;
+        }
     } else {
       for (int i2 = i; i2 < e; i2++) {
         Fiber* o = g->fibers[i2];
@@ -403,10 +405,23 @@ MMT_EMU_RT inline void schedule_from(Fiber* f) {
     // nothing can run: some simdgroup has lanes blocked in a collective that cannot complete
     for (int s2 = 0; s2 < g->nsg; s2++)
       if (g->sg_waiting[s2] > 0) {
-        for (int i = s2 * kSimd; i < std::min(g->n, (s2 + 1) * kSimd); i++)
-          if (g->fibers[i]->state == WAIT_SIMD)
-            fail_in(g->fibers[i], "deadlock in %s: %d threads wait at a barrier, %d exited",
-                    g->fibers[i]->coll.what, g->at_bar, g->n - g->live);
+        const int b2 = s2 * kSimd;
+        for (int i = b2; i < std::min(g->n, b2 + kSimd); i++) {
+          Fiber* w = g->fibers[i];
+          if (w->state != WAIT_SIMD) continue;
+          for (int k = 0; k < kSimd && w->coll.mask; k++) {
+            if (!((w->coll.mask >> k) & 1u)) continue;
+            Fiber* o = g->fibers[b2 + k];
+            if (o->state == WAIT_BAR)
+              fail_in(w, "deadlock: %s with mask 0x%08x waits for lane %d, which waits at a barrier",
+                      w->coll.what, w->coll.mask, k);
+            if (o->state == WAIT_SIMD && (o->coll.mask != w->coll.mask || o->coll.resolve != w->coll.resolve))
+              fail_in(w, "deadlock: %s with mask 0x%08x waits for lane %d, which is in another warp collective "
+                         "(%s, mask 0x%08x)", w->coll.what, w->coll.mask, k, o->coll.what, o->coll.mask);
+          }
+          fail_in(w, "deadlock in %s: %d threads wait at a barrier, %d exited", w->coll.what, g->at_bar,
+                  g->n - g->live);
+        }
       }
     fail_in(f, "deadlock: %d threads wait at a barrier, %d exited", g->at_bar, g->n - g->live);
   }
