@@ -424,3 +424,17 @@ def test_gather_matmul_speed_64x512x256():
 def test_gather_matmul_check_mode_silent():
     run, ref = _gather_case(rows=64, K=64, N=64)
     np.testing.assert_allclose(run(check=True), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_wild_pointer_and_stack_overflow_fail_cleanly():
+    """A fault inside a kernel thread is an EmulatorError naming the thread, not a crash."""
+    k = em.metal_kernel("wild", ["a"], ["out"],
+                        "uint i = thread_position_in_grid.x; out[i] = a[i + (i == 7 ? 100000000 : 0)];")
+    with pytest.raises(em.EmulatorError, match=r"thread_position_in_grid=\(7,0,0\).*invalid memory access"):
+        k(inputs=[np.zeros(64, np.float32)], output_shapes=[(64,)], output_dtypes=[np.float32], grid=(64, 1, 1),
+          threadgroup=(32, 1, 1))
+    k = em.metal_kernel("deep", ["a"], ["out"], "float big[100000]; uint i = thread_position_in_grid.x; "
+                        "for (int j = 0; j < 100000; j++) big[j] = a[i] + j; out[i] = big[int(a[i]) + 5];")
+    with pytest.raises(em.EmulatorError, match="stack overflow"):
+        k(inputs=[np.zeros(64, np.float32)], output_shapes=[(64,)], output_dtypes=[np.float32], grid=(64, 1, 1),
+          threadgroup=(32, 1, 1))

@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -465,8 +466,16 @@ _LIB_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
+    """$MLX_MOE_TUNE_CACHE/emulator (its parent folder if the variable names a file, as the tuner's
+    JSONL cache may), else ~/.cache/mlx-moe-tune/emulator."""
     d = os.environ.get(ENV_CACHE)
-    base = Path(d) / "emulator" if d else Path.home() / ".cache" / "mlx-moe-tune" / "emulator"
+    if d:
+        p = Path(d).expanduser()
+        if p.suffix or p.is_file():
+            p = p.parent
+        base = p / "emulator"
+    else:
+        base = Path.home() / ".cache" / "mlx-moe-tune" / "emulator"
     base.mkdir(parents=True, exist_ok=True)
     return base
 
@@ -477,10 +486,43 @@ def _runtime_text() -> str:
 
 def _flags(check: bool) -> list[str]:
     f = ["-std=c++17", "-O2", "-fPIC", "-pthread", "-fno-strict-aliasing", "-fwrapv",
-         "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-ignored-attributes", "-DMMT_EMULATOR", f"-I{_RT}"]
+         "-fstack-clash-protection", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-ignored-attributes", "-DMMT_EMULATOR", f"-I{_RT}"]
     if check:
         f += ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0", "-DMMT_EMU_CHECK=1"]
     return f
+
+
+def _publish(path: Path, dest: Path) -> None:
+    """Copy `path` to `dest` atomically (temp name in dest's folder + rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _pch_dir(cxx: str, flags: list[str], shim: str) -> Path | None:
+    """A folder holding `<shim>.gch`, GCC's precompiled runtime + shim for these flags (saves
+    about half of every kernel compile); None if it cannot be built (then plain headers are used)."""
+    if os.environ.get("MLX_MOE_TUNE_EMULATOR_PCH", "1") == "0" or "clang" in cxx:
+        return None
+    key = hashlib.sha256("\0".join([cxx, " ".join(flags), _runtime_text(), shim]).encode()).hexdigest()[:24]
+    d = cache_dir() / f"pch-{key}"
+    gch = d / f"{shim}.gch"
+    if gch.exists():
+        return d
+    with tempfile.TemporaryDirectory(prefix="mmt-emu-pch-") as work:
+        out = Path(work) / f"{shim}.gch"
+        r = subprocess.run([cxx, *flags, "-x", "c++-header", str(_RT / shim), "-o", str(out)],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or not out.exists():
+            return None
+        _publish(out, gch)
+    return d
 
 
 def compile_library(tu: str, check: bool) -> ctypes.CDLL:
@@ -495,18 +537,21 @@ def compile_library(tu: str, check: bool) -> ctypes.CDLL:
         so = d / f"{key}.so"
         src = d / f"{key}.cpp"
         if not so.exists():
-            src_tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.cpp"
-            src_tmp.write_text(tu)
-            os.replace(src_tmp, src)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=d)
-            os.close(fd)
-            try:
+            # build in a private temp folder, then publish into the cache with an atomic rename
+            with tempfile.TemporaryDirectory(prefix="mmt-emu-") as work:
+                wsrc = Path(work) / f"{key}.cpp"
+                wsrc.write_text(tu)
+                tmp = str(Path(work) / f"{key}.so")
                 if check:
-                    obj = tmp[:-3] + ".o"
-                    cmds = [[cxx, *flags, "-c", str(src), "-o", obj], [cxx, "-shared", "-pthread", obj, "-o", tmp]]
+                    obj = str(Path(work) / f"{key}.o")
+                    cmds = [[cxx, *flags, "-c", str(wsrc), "-o", obj], [cxx, "-shared", "-pthread", obj, "-o", tmp]]
                 else:
-                    obj = None
-                    cmds = [[cxx, *flags, "-shared", str(src), "-o", tmp]]
+                    cmds = [[cxx, *flags, "-shared", str(wsrc), "-o", tmp]]
+                shim = "metal_shim.h" if '#include "metal_shim.h"' in tu[:200] else "cuda_shim.h"
+                pch = _pch_dir(cxx, flags, shim)
+                if pch is not None:  # searched before runtime/: GCC takes the .gch found first
+                    cmds[0][1:1] = [f"-I{pch}"]
+                _publish(wsrc, src)
                 for cmd in cmds:
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     if r.returncode != 0:
@@ -514,13 +559,9 @@ def compile_library(tu: str, check: bool) -> ctypes.CDLL:
                         if len(msg) > 12000:
                             msg = msg[:12000] + "\n... (truncated)"
                         raise EmulatorCompileError(
-                            f"emulator: compiling the kernel failed ({' '.join(cmd[:1])} exit {r.returncode}).\n"
+                            f"emulator: compiling the kernel failed ({cmd[0]} exit {r.returncode}).\n"
                             f"generated source: {src}\n{msg}")
-                os.replace(tmp, so)
-            finally:
-                for p in (tmp, obj):
-                    if p and os.path.exists(p):
-                        os.unlink(p)
+                _publish(Path(tmp), so)
         try:
             lib = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)
         except OSError as e:

@@ -11,7 +11,9 @@
 // page holds the Fiber header, so `sp & ~(kStack-1)` is the header of the running fiber.
 #pragma once
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1141,8 +1143,68 @@ MMT_EMU_RT inline void run_group(Launch* L, Worker& w, long gi) {
   mmt_emu_ctx_switch(&g.sched_sp, w.fibers[0]->sp);
 }
 
+// A fault inside a fiber (wild pointer, fiber stack overflow) fails that thread like a check-mode
+// finding instead of killing the process: the handler runs on an alternate stack and switches
+// straight back to the worker's scheduler context.
+MMT_EMU_NOSAN inline struct sigaction* old_segv() {
+  static struct sigaction a[2];
+  return a;
+}
+MMT_EMU_RT inline void segv_handler(int sig, siginfo_t* si, void* ucv) {
+  ucontext_t* uc = static_cast<ucontext_t*>(ucv);
+#if defined(__x86_64__)
+  const uintptr_t sp = uintptr_t(uc->uc_mcontext.gregs[REG_RSP]);
+#else
+  const uintptr_t sp = uintptr_t(uc->uc_mcontext.sp);
+#endif
+  const uintptr_t* r = stack_range();
+  if (!(sp >= r[0] && sp < r[1])) {  // not ours: let the previous handler see the re-fault
+    sigaction(sig, &old_segv()[sig == SIGSEGV ? 0 : 1], nullptr);
+    return;
+  }
+  Fiber* f = reinterpret_cast<Fiber*>(sp & ~(uintptr_t)(kStack - 1));
+  Group* g = f->g;
+  const char* a = static_cast<const char*>(si->si_addr);
+  const char* fh = reinterpret_cast<const char*>(f);
+  char what[512];
+  if (a >= fh + kHeader - kPage && a < fh + kHeader + 2 * kPage) {
+    snprintf(what, sizeof what, "stack overflow of the emulated thread (deep recursion or huge local arrays; "
+             "the emulator gives each thread %zu KB)", (kStack - kHeader - kPage) / 1024);
+  } else {
+    snprintf(what, sizeof what, "invalid memory access at address %p (a wild pointer%s)", (const void*)a,
+             g->L->check ? "" : "; run with check=True to locate out-of-bounds accesses");
+    for (int i = 0; i < g->L->nbufs; i++) {
+      const Buffer& b = g->L->buffers[i];
+      if (a >= b.lo - 64 * kPage && a < b.hi + 64 * kPage) {
+        const long long off = (long long)(a - b.lo);
+        snprintf(what, sizeof what, "out-of-bounds access of buffer '%s' near element index %lld (fault at byte "
+                 "offset %lld; buffer has %lld elements)", b.name, off >= 0 ? off / b.elem : -((-off + b.elem - 1) / b.elem),
+                 off, (long long)((b.hi - b.lo) / b.elem));
+        break;
+      }
+    }
+  }
+  char thr[256];
+  describe_thread(f, thr, sizeof thr);
+  snprintf(g->err, sizeof g->err, "kernel %s, %s: %s", g->L->kernel_name, thr, what);
+  g->failed = true;
+  f->state = DONE;
+  void* dummy;
+  mmt_emu_ctx_switch(&dummy, g->sched_sp);
+}
+
 MMT_EMU_RT inline void worker_main(Launch* L, Worker* w) {
   const long total = long(L->groups[0]) * L->groups[1] * L->groups[2];
+  // alternate signal stack for this OS thread (a fiber stack overflow leaves no room on it)
+  static thread_local std::vector<char> alt(1 << 16);
+  stack_t ss{}, old_ss{};
+  ss.ss_sp = alt.data();
+  ss.ss_size = alt.size();
+  sigaltstack(&ss, &old_ss);
+  struct AltRestore {
+    stack_t o;
+    ~AltRestore() { sigaltstack(&o, nullptr); }
+  } restore{old_ss};
   for (;;) {
     if (L->stop.load()) break;
     const long gi = L->next.fetch_add(1);
@@ -1188,6 +1250,12 @@ MMT_EMU_RT inline int run_launch(Launch* L, int nworkers, size_t arena_bytes) {
     w.g.stamp_counter = 0;
   }
   if (L->check) mmt_emu_check_active() = 1;
+  struct sigaction sa {};
+  sa.sa_sigaction = &segv_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &old_segv()[0]);
+  sigaction(SIGBUS, &sa, &old_segv()[1]);
   if (nworkers == 1) {
     worker_main(L, &workers[0]);
   } else {
@@ -1195,6 +1263,8 @@ MMT_EMU_RT inline int run_launch(Launch* L, int nworkers, size_t arena_bytes) {
     for (int i = 0; i < nworkers; i++) ts.emplace_back(worker_main, L, &workers[i]);
     for (auto& t : ts) t.join();
   }
+  sigaction(SIGSEGV, &old_segv()[0], nullptr);
+  sigaction(SIGBUS, &old_segv()[1], nullptr);
   if (L->check) mmt_emu_check_active() = 0;
   for (auto& w : workers) release_region(w.region);
   return L->err_group >= 0 ? 1 : 0;
