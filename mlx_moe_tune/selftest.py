@@ -168,32 +168,84 @@ def select_configs(family, backend, case: Case) -> list[dict]:
     return valid
 
 
+def _run_one(family, backend, case: Case, cfg: dict, inputs: Inputs, check: bool) -> Result:
+    t0 = time.perf_counter()
+    try:
+        err, _ = run_config(family, backend, case, cfg, inputs, check=check)
+        ok = err <= TOLERANCE[case.dtype]
+        r = Result(family.name, case.name, config_id(cfg), ok, err,
+                   "" if ok else f"error {err:.2e} > {TOLERANCE[case.dtype]:.0e}")
+    except Exception as e:  # a failing config is a result, not a crash
+        r = Result(family.name, case.name, config_id(cfg), False, None,
+                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+_INPUTS: dict = {}  # per process: inputs of the cases seen (a worker runs many configs per case)
+
+
+def _run_task(backend_name: str, family_name: str, case: Case, cfg: dict, check: bool) -> Result:
+    """Worker entry for `jobs > 1` (module level, so a spawned process can import it)."""
+    from .backend import get_backend
+    from .kernels import registry
+
+    if case not in _INPUTS:
+        _INPUTS[case] = build_inputs(case)
+    return _run_one(registry.get(family_name), get_backend(backend_name), case, cfg, _INPUTS[case], check)
+
+
 def selftest(families, backend, cases, *, check: bool = True, max_configs: int | None = None,
-             echo=None) -> list[Result]:
-    results = []
+             echo=None, jobs: int = 1) -> list[Result]:
+    """Run every selected config of every family on every case. jobs > 1 spreads the configs
+    over that many processes: on the emulator each config is a C++ compile, which is most of
+    the time, and one process compiles one kernel at a time."""
+    tasks = []  # (family, case, config) in report order
+    results: list = []
     for case in cases:
-        inputs = build_inputs(case)
         for fam in families:
             configs = select_configs(fam, backend, case)
             if max_configs is not None:
                 configs = configs[:max_configs]
             if not configs:
-                results.append(Result(fam.name, case.name, "-", False, message="no valid config"))
+                results.append((len(tasks), Result(fam.name, case.name, "-", False, message="no valid config")))
+                tasks.append(None)
             for cfg in configs:
-                t0 = time.perf_counter()
-                try:
-                    err, _ = run_config(fam, backend, case, cfg, inputs, check=check)
-                    ok = err <= TOLERANCE[case.dtype]
-                    r = Result(fam.name, case.name, config_id(cfg), ok, err,
-                               "" if ok else f"error {err:.2e} > {TOLERANCE[case.dtype]:.0e}")
-                except Exception as e:  # a failing config is a result, not a crash
-                    r = Result(fam.name, case.name, config_id(cfg), False, None,
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                r.seconds = time.perf_counter() - t0
-                results.append(r)
+                tasks.append((fam, case, cfg))
+    from .kernels import registry
+
+    todo = [(i, t) for i, t in enumerate(tasks) if t is not None]
+    parallel = jobs > 1 and len(todo) > 1 and all(registry.FAMILIES.get(f.name) is f for f, _, _ in
+                                                   (t for _, t in todo))
+    if not parallel:
+        for i, (fam, case, cfg) in todo:
+            if case not in _INPUTS:
+                _INPUTS[case] = build_inputs(case)
+            r = _run_one(fam, backend, case, cfg, _INPUTS[case], check)
+            results.append((i, r))
+            if echo:
+                echo(r)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: MLX's runtime threads do not survive a fork
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {ex.submit(_run_task, backend.name, fam.name, case, cfg, check): i
+                       for i, (fam, case, cfg) in todo}
+            for fut in as_completed(futures):
+                r = fut.result()
+                results.append((futures[fut], r))
                 if echo:
                     echo(r)
-    return results
+    return [r for _, r in sorted(results, key=lambda ir: ir[0])]
+
+
+def default_jobs(backend) -> int:
+    """Processes for the selftest: all cores on the emulator (compile-bound), one on a GPU."""
+    import os
+
+    return max(1, os.cpu_count() or 1) if backend.emulated else 1
 
 
 def format_row(r: Result) -> str:
@@ -216,6 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="every config for every bits x group size x dtype")
     p.add_argument("--max-configs", type=int, default=None, help="at most this many configs per family and case")
     p.add_argument("--no-check", action="store_true", help="emulator: skip bounds/race checking (faster)")
+    p.add_argument("-j", "--jobs", type=int, default=None,
+                   help="processes (default: all cores on the emulator, 1 on a GPU)")
 
 
 def run(args) -> int:
@@ -231,12 +285,17 @@ def run(args) -> int:
         families = [f for f in families if f.name in args.family]
     if args.max_configs is not None and args.max_configs < 1:
         raise ValueError("--max-configs must be >= 1")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError("--jobs must be >= 1")
+    jobs = args.jobs or default_jobs(backend)
+    t_start = time.perf_counter()
     print(f"mlx-moe-tune selftest on {backend.name}: {', '.join(f.name for f in families)}")
     print(f"{'family':<8} {'case':<22} {'config':<28} {'error':>8} {'':>5}")
     results = selftest(families, backend, default_cases(args.full), check=not args.no_check,
-                       max_configs=args.max_configs, echo=lambda r: print(format_row(r), flush=True))
+                       max_configs=args.max_configs, jobs=jobs,
+                       echo=lambda r: print(format_row(r), flush=True))
     failed = [r for r in results if not r.ok]
-    total = sum(r.seconds for r in results)
+    total = time.perf_counter() - t_start
     print(f"{len(results) - len(failed)}/{len(results)} passed in {total:.1f} s" +
           (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed or not results else 0

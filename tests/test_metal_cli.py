@@ -80,7 +80,7 @@ def test_selftest_cli_passes_and_fails(monkeypatch, capsys):
     assert f"{n}/{n} passed" in out and "FAIL" not in out
     # an impossible tolerance turns every line into a failure and the exit code non-zero
     monkeypatch.setattr(selftest, "TOLERANCE", {k: -1.0 for k in selftest.TOLERANCE})
-    assert cli.main(args) == 1
+    assert cli.main([*args, "-j", "1"]) == 1  # in this process, where the patch applies
     assert "FAIL" in capsys.readouterr().out
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from mlx_moe_tune import selftest
 from mlx_moe_tune.backend import EMULATOR_METAL
+from mlx_moe_tune.emulator import EmulatorCheckError
 
 FAMILY_NAMES = ("qmv", "qmm", "qmm_glu")
 CASES = {c.name: c for c in selftest.default_cases()}
@@ -33,24 +34,32 @@ def _assert_all_pass(results, expected: int):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_every_shipped_config_on_ragged_shape(families, name):
-    fam, case = families[name], CASES["ragged"]
-    configs = fam.valid_configs(case.problem(), EMULATOR_METAL)
-    # the validator must leave a real search space, not one or two survivors
-    assert len(configs) >= 12, [selftest.config_id(c) for c in configs]
-    results = selftest.selftest([fam], EMULATOR_METAL, [case], check=True)
-    _assert_all_pass(results, len(configs))
+JOBS = selftest.default_jobs(EMULATOR_METAL)  # one compile per config: use every core
 
 
-@pytest.mark.parametrize("case", [c for c in CASES.values() if c.name != "ragged"], ids=lambda c: c.name)
-def test_formats_and_layouts(families, case):
+def test_every_shipped_config_on_ragged_shape(families):
+    case = CASES["ragged"]
+    fams = [families[n] for n in FAMILY_NAMES]
+    expected = {}
+    for fam in fams:
+        configs = fam.valid_configs(case.problem(), EMULATOR_METAL)
+        # the validator must leave a real search space, not one or two survivors
+        assert len(configs) >= 12, (fam.name, [selftest.config_id(c) for c in configs])
+        expected[fam.name] = len(configs)
+    results = selftest.selftest(fams, EMULATOR_METAL, [case], check=True, jobs=JOBS)
+    assert {n: sum(r.family == n for r in results) for n in expected} == expected
+    _assert_all_pass(results, sum(expected.values()))
+
+
+def test_formats_and_layouts(families):
     """bits 2/4/8 x group size x dtype at K = one group, and the decode layout (X_DIV = 2,
     inputs small enough to become `constant` buffers)."""
+    cases = [c for c in CASES.values() if c.name != "ragged"]
     fams = [families[n] for n in FAMILY_NAMES]
-    results = selftest.selftest(fams, EMULATOR_METAL, [case], check=True)
-    expected = sum(len(selftest.select_configs(f, EMULATOR_METAL, case)) for f in fams)
-    assert expected >= len(fams)
+    results = selftest.selftest(fams, EMULATOR_METAL, cases, check=True, jobs=JOBS)
+    expected = sum(len(selftest.select_configs(f, EMULATOR_METAL, c)) for f in fams for c in cases)
+    assert expected >= len(fams) * len(cases)
+    assert {r.case for r in results} == {c.name for c in cases}
     _assert_all_pass(results, expected)
 
 
@@ -61,12 +70,14 @@ def test_wrong_layout_is_caught(families):
     wrong = dataclasses.replace(case, x_div=1)  # x has P/2 rows, the kernel now reads P rows
     fam = families["qmv"]
     cfg = selftest.select_configs(fam, EMULATOR_METAL, wrong)[0]
-    try:
-        err, _ = selftest.run_config(fam, EMULATOR_METAL, wrong, cfg, inputs, check=True)
-    except Exception as e:  # check mode may flag the out-of-bounds read of x itself
-        assert "x" in str(e) or "bound" in str(e).lower()
-    else:
-        assert err > selftest.TOLERANCE[case.dtype]
+    # check mode flags the read past x's last row, naming the buffer
+    with pytest.raises(EmulatorCheckError, match="out-of-bounds read of buffer 'x'"):
+        selftest.run_config(fam, EMULATOR_METAL, wrong, cfg, inputs, check=True)
+    # the converse stays in bounds (x has P rows, the kernel reads rows p / 2) but is wrong:
+    # the comparison with the reference must say so
+    per_pair = selftest.build_inputs(wrong)
+    err, _ = selftest.run_config(fam, EMULATOR_METAL, case, cfg, per_pair, check=True)
+    assert err > selftest.TOLERANCE[case.dtype]
 
 
 @pytest.mark.parametrize("layout", ["decode", "sorted"])
