@@ -48,7 +48,9 @@ NUMPY_REFERENCE_MAX_WEIGHTS = 1 << 24
 
 
 def default_cache_path() -> Path:
-    return Path(os.environ.get("MLX_MOE_TUNE_CACHE", "~/.cache/mlx-moe-tune/tune-cache.jsonl")).expanduser()
+    """$MLX_MOE_TUNE_CACHE (the package's cache folder, shared with the emulator's compile cache,
+    default ~/.cache/mlx-moe-tune) / tune-cache.jsonl."""
+    return Path(os.environ.get("MLX_MOE_TUNE_CACHE") or "~/.cache/mlx-moe-tune").expanduser() / "tune-cache.jsonl"
 
 
 # --- budget ---------------------------------------------------------------------------------
