@@ -438,3 +438,23 @@ def test_wild_pointer_and_stack_overflow_fail_cleanly():
     with pytest.raises(em.EmulatorError, match="stack overflow"):
         k(inputs=[np.zeros(64, np.float32)], output_shapes=[(64,)], output_dtypes=[np.float32], grid=(64, 1, 1),
           threadgroup=(32, 1, 1))
+
+
+def test_atomics_are_counted_and_never_races():
+    """atomic_outputs (device atomics across threadgroups) and threadgroup atomics in check mode."""
+    src = """
+      threadgroup atomic<int> local[4];
+      uint t = thread_index_in_threadgroup;
+      if (t < 4) atomic_store_explicit(&local[t], 0, memory_order_relaxed);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      int v = int(a[thread_position_in_grid.x]);
+      atomic_fetch_add_explicit(&local[v], 1, memory_order_relaxed);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (t < 4) atomic_fetch_add_explicit(&hist[t], atomic_load_explicit(&local[t], memory_order_relaxed),
+                                           memory_order_relaxed);
+    """
+    a = RNG.integers(0, 4, 512).astype(np.float32)
+    k = em.metal_kernel("hist", ["a"], ["hist"], src, atomic_outputs=True)
+    (h,) = k(inputs=[a], output_shapes=[(4,)], output_dtypes=[np.int32], grid=(512, 1, 1), threadgroup=(128, 1, 1),
+             init_value=0, check=True)
+    np.testing.assert_array_equal(h, np.bincount(a.astype(int), minlength=4))

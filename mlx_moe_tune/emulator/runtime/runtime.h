@@ -547,13 +547,19 @@ MMT_EMU_RT inline void shadow_access(Fiber* f, const char* a, size_t size, bool 
   }
 }
 
-MMT_EMU_RT inline void check_access(const void* addr, size_t size, bool write) {
+MMT_EMU_RT inline void check_access(const void* addr, size_t size, bool write, bool atomic = false) {
   if (!mmt_emu_check_active() || !on_fiber()) return;
   Fiber* f = cur_fiber();
   Group* g = f->g;
   const char* a = static_cast<const char*>(addr);
   if (a >= g->arena && a < g->arena + g->arena_cap) {
-    shadow_access(f, a, size, write);
+    if (atomic) {  // atomics are never races: bounds only
+      const size_t off = size_t(a - g->arena);
+      if (off + size > g->arena_used)
+        fail_in(f, "out-of-bounds atomic on threadgroup memory at byte offset %zu (%zu bytes allocated)", off, g->arena_used);
+    } else {
+      shadow_access(f, a, size, write);
+    }
     return;
   }
   Launch* L = g->L;
@@ -626,6 +632,9 @@ MMT_EMU_INLINE void note_read(const void* a, size_t n) {
 }
 MMT_EMU_INLINE void note_write(const void* a, size_t n) {
   if (mmt_emu_check_active()) check_access(a, n, true);
+}
+MMT_EMU_INLINE void note_atomic(const void* a, size_t n) {
+  if (mmt_emu_check_active()) check_access(a, n, true, true);
 }
 MMT_EMU_RT inline void note_access_as(Fiber* f, const void* addr, size_t size, bool write) {
   // like check_access, but on behalf of fiber f (used by resolvers running on another lane)
@@ -932,7 +941,7 @@ MMT_EMU_RT inline void barrier(const char*, int line = 0) {
 // ------------------------------------------------------------------------------------------
 template <class T>
 MMT_EMU_RT T atomic_fetch_op(T* p, T v, int op) {
-  note_write(p, sizeof(T));
+  note_atomic(p, sizeof(T));
   if constexpr (std::is_integral_v<T>) {
     switch (op) {
       case 0: return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
@@ -964,7 +973,7 @@ MMT_EMU_RT T atomic_fetch_op(T* p, T v, int op) {
 }
 template <class T>
 MMT_EMU_RT bool atomic_cas(T* p, T* expected, T desired) {
-  note_write(p, sizeof(T));
+  note_atomic(p, sizeof(T));
   using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
   U e, d;
   memcpy(&e, expected, sizeof(T));
@@ -975,7 +984,7 @@ MMT_EMU_RT bool atomic_cas(T* p, T* expected, T desired) {
 }
 template <class T>
 MMT_EMU_RT T atomic_load(const T* p) {
-  note_read(p, sizeof(T));
+  note_atomic(p, sizeof(T));
   T r;
   using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
   U u = __atomic_load_n(reinterpret_cast<const U*>(p), __ATOMIC_RELAXED);
@@ -984,7 +993,7 @@ MMT_EMU_RT T atomic_load(const T* p) {
 }
 template <class T>
 MMT_EMU_RT void atomic_store(T* p, T v) {
-  note_write(p, sizeof(T));
+  note_atomic(p, sizeof(T));
   using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
   U u;
   memcpy(&u, &v, sizeof(T));
