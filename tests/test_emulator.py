@@ -458,3 +458,11 @@ def test_atomics_are_counted_and_never_races():
     (h,) = k(inputs=[a], output_shapes=[(4,)], output_dtypes=[np.int32], grid=(512, 1, 1), threadgroup=(128, 1, 1),
              init_value=0, check=True)
     np.testing.assert_array_equal(h, np.bincount(a.astype(int), minlength=4))
+
+
+def test_mlx_signature_bug_is_reported():
+    """MLX 0.32.4: 2+ outputs, a _shape helper and no attribute -> malformed source; say so."""
+    k = em.metal_kernel("bug", ["a"], ["o1", "o2"], "o1[0] = a_shape[0]; o2[0] = 1;")
+    with pytest.raises(em.EmulatorCompileError, match="thread_position_in_grid"):
+        k(inputs=[np.zeros(8, np.float32)], output_shapes=[(1,), (1,)], output_dtypes=[np.float32, np.float32],
+          grid=(1, 1, 1), threadgroup=(1, 1, 1))

@@ -298,6 +298,12 @@ def metal_source(name, input_names, output_names, source, header, inputs: Sequen
             s += ",\n"
         else:
             s += ") {\n"
+            if i < len(output_names) - 1:
+                raise EmulatorCompileError(
+                    f"metal_kernel {name!r}: MLX 0.32 generates a malformed signature for kernels with 2+ "
+                    "outputs, an input _shape/_strides/_ndim helper and no thread attribute (its separator "
+                    "logic counts helper buffers); reference an attribute such as thread_position_in_grid "
+                    "in the source")
         index += 1
     for i, attr in enumerate(attributes):
         s += attr
