@@ -466,3 +466,11 @@ def test_mlx_signature_bug_is_reported():
     with pytest.raises(em.EmulatorCompileError, match="thread_position_in_grid"):
         k(inputs=[np.zeros(8, np.float32)], output_shapes=[(1,), (1,)], output_dtypes=[np.float32, np.float32],
           grid=(1, 1, 1), threadgroup=(1, 1, 1))
+
+
+def test_metal_threadgroup_declaration_in_header_is_rejected():
+    header = "template <typename T> void helper(device T* o) { threadgroup T tmp[32]; tmp[0] = T(1); o[0] = tmp[0]; }\n"
+    k = em.metal_kernel("hdr", ["a"], ["out"], "helper(out);", header=header)
+    with pytest.raises(em.EmulatorUnsupportedError, match="kernel scope"):
+        k(inputs=[np.zeros(8, np.float32)], output_shapes=[(1,)], output_dtypes=[np.float32], grid=(1, 1, 1),
+          threadgroup=(1, 1, 1))

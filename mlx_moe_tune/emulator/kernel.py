@@ -846,6 +846,12 @@ class MetalKernel(_Kernel):
             tmpl = "<" + ", ".join(parts) + ">"
         call = f"{kname}{tmpl}({', '.join(args)})"
         _scan_unsupported("metal", strip_comments(self.header + "\n" + self.source))
+        m = _METAL_TG_DECL.search(strip_comments(self.header))
+        if m:  # Apple's compiler allows threadgroup variables only in the kernel function itself
+            raise EmulatorUnsupportedError(
+                f"metal_kernel {self.name!r}: threadgroup variable '{m.group('name')}' is declared in the header "
+                "(a helper function); Metal only allows threadgroup declarations at kernel scope: declare it in "
+                "the kernel body and pass a `threadgroup T*` down")
         body = rewrite_metal(text)
         tu = (f'#include "metal_shim.h"\n#define MMT_EMU_KERNEL_NAME {_c_str(self.name)}\n#line 1 "kernel.metal"\n'
               + body + _launcher(call, prologue, self._bufnames(arrs, bufspec, odt)))

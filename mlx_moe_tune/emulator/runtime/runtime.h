@@ -551,6 +551,7 @@ MMT_EMU_RT inline void check_access(const void* addr, size_t size, bool write, b
   if (!mmt_emu_check_active() || !on_fiber()) return;
   Fiber* f = cur_fiber();
   Group* g = f->g;
+  if (!g->L->check) return;  // the flag is process-wide; this launch may be a fast one
   const char* a = static_cast<const char*>(addr);
   if (a >= g->arena && a < g->arena + g->arena_cap) {
     if (atomic) {  // atomics are never races: bounds only
@@ -640,6 +641,7 @@ MMT_EMU_RT inline void note_access_as(Fiber* f, const void* addr, size_t size, b
   // like check_access, but on behalf of fiber f (used by resolvers running on another lane)
   if (!mmt_emu_check_active()) return;
   Group* g = f->g;
+  if (!g->L->check) return;
   const char* a = static_cast<const char*>(addr);
   if (a >= g->arena && a < g->arena + g->arena_cap) {
     shadow_access(f, a, size, write);
@@ -1258,7 +1260,7 @@ MMT_EMU_RT inline int run_launch(Launch* L, int nworkers, size_t arena_bytes) {
     w.g.epoch = 0;
     w.g.stamp_counter = 0;
   }
-  if (L->check) mmt_emu_check_active() = 1;
+  if (L->check) __atomic_add_fetch(&mmt_emu_check_active(), 1, __ATOMIC_SEQ_CST);  // a count: launches may overlap
   struct sigaction sa {};
   sa.sa_sigaction = &segv_handler;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -1274,7 +1276,7 @@ MMT_EMU_RT inline int run_launch(Launch* L, int nworkers, size_t arena_bytes) {
   }
   sigaction(SIGSEGV, &old_segv()[0], nullptr);
   sigaction(SIGBUS, &old_segv()[1], nullptr);
-  if (L->check) mmt_emu_check_active() = 0;
+  if (L->check) __atomic_sub_fetch(&mmt_emu_check_active(), 1, __ATOMIC_SEQ_CST);
   for (auto& w : workers) release_region(w.region);
   return L->err_group >= 0 ? 1 : 0;
 }
