@@ -161,16 +161,44 @@ struct WSet {
 // acc[ws][f][c][.] += W_ws[rows n0 + 16 f + (0..15)] . x[rows of column group c], over the
 // k blocks kb = wk, wk + WK, ... (intra-block split-K). xrow[c]: this lane's activation row
 // (column g of group c) or nullptr. Rows >= nlim and k >= K contribute zero.
-template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK>
+// XS (4-bit only): x comes from a shared-memory tile staged by the whole block with cp.async
+// (SS step buffers of KU k blocks) instead of per-warp global loads. Then xrow is unused; row_of(r)
+// gives the x row of tile row r and xs is the tile. Requires WK == 1 (every warp walks every k
+// block, so the block can barrier once per step).
+template <int BM, int KU>
+struct XsTile {
+  static constexpr int GR = 16;  // 16-byte granules per row per k block (128 4-bit values)
+  static constexpr int TILE = BM * GR * 8;  // 2-byte elements of one k block's tile
+  // Step buffers (KU k blocks each): 3 when they fit in 40 KB, else 2.
+  static constexpr int SS = TILE * 2 * KU * 3 <= 40 * 1024 ? 3 : 2;
+  static constexpr int ELEMS = SS * KU * TILE;
+  __device__ static int buf(int kb) { return ((kb / KU) % SS) * KU + kb % KU; }
+  // Granule q of row r sits at q ^ 2*(q >= 8) ^ (r & 1): the 8 lanes of one LDS.128 phase
+  // (rows g, g+1 x tig 0..3 at granules 4*tig + j) hit 8 distinct bank groups.
+  __device__ static int phys(int r, int q) { return (r * GR + (q ^ ((q >> 3) << 1) ^ (r & 1))) * 8; }
+};
+// The shared-memory x path is used for 4-bit weights from BM = 16 on (measured on the H100: it
+// wins there; at BM = 8 the per-warp prefetch in registers is as fast and needs no barriers).
+template <int BITS, int BM>
+struct UseXs {
+  static constexpr bool value = BITS == 4 && BM >= 16;
+};
+
+template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK, int KU, bool XS = false,
+          int NTHREADS = 32, typename RowFn = int>
 __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
-                                 int nlim, const T* const (&xrow)[CG], int wk) {
+                                 int nlim, const T* const (&xrow)[CG], int wk,
+                                 T* xs = nullptr, const T* x_any = nullptr, RowFn row_of = 0) {
   using Q = QGeom<BITS, GS, K>;
   using Tr = Pair<T>;
+  static_assert(!XS || (BITS == 4 && WK == 1), "shared-memory x path: 4-bit, WK == 1");
+  using XT = XsTile<CG * 8, KU>;
+  constexpr int GPT = XS ? (CG * 8 * XT::GR + NTHREADS - 1) / NTHREADS : 1;  // granules per thread
   const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
   // x is prefetched with W while it fits in a few registers (small BM); otherwise it is loaded
   // (from L1/L2: every N tile re-reads the same rows) right before its mma.
-  constexpr bool XPF = CG * Q::CW * (Q::VPW / 2) <= 32;
+  constexpr bool XPF = !XS && CG * Q::CW * (Q::VPW / 2) <= 32;
   struct Chunk {
     uint32_t w[NWS][FN][2][Q::CW];
     T s[NWS][FN][2];
@@ -246,7 +274,13 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
 #pragma unroll
       for (int c = 0; c < CG; c++) {
         uint32_t xp[Q::PPW];
-        if constexpr (XPF) {
+        if constexpr (XS) {
+          uint32_t X[Q::VPW / 2];
+          const int r = 8 * c + g;
+          load_words<Q::VPW / 2>(reinterpret_cast<const uint32_t*>(
+              xs + XT::buf(kb) * XT::TILE + XT::phys(r, 4 * tig + j)), X);
+          x_pairs<Q::VPW>(X, xp);
+        } else if constexpr (XPF) {
           x_pairs<Q::VPW>(ch.x[c][j], xp);
         } else {
           uint32_t X[Q::VPW / 2];
@@ -269,14 +303,74 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
     }
   };
 
-  // Register double buffer: the next k block's loads are in flight while this one computes.
-  Chunk cur, nxt;
-  int kb = wk;
-  if (kb < Q::NKB) load(kb, nxt);
-  for (; kb < Q::NKB; kb += WK) {
-    cur = nxt;
-    if (kb + WK < Q::NKB) load(kb + WK, nxt);
-    compute(kb, cur);
+  // Register double buffer of KU k blocks: the next step's loads are in flight while this one
+  // computes. With WK == 1 a step's KU blocks are adjacent, so each W row is read in KU*64-byte
+  // runs (KU = 2: whole 128-byte lines) and KU times more bytes are in flight per warp.
+  Chunk cur[KU], nxt[KU];
+  auto load_step = [&](int base, Chunk (&c)[KU]) {
+#pragma unroll
+    for (int u = 0; u < KU; u++)
+      if (base + u * WK < Q::NKB) load(base + u * WK, c[u]);
+  };
+  if constexpr (!XS) {
+    int base = wk;
+    if (base < Q::NKB) load_step(base, nxt);
+    for (; base < Q::NKB; base += WK * KU) {
+#pragma unroll
+      for (int u = 0; u < KU; u++) cur[u] = nxt[u];
+      if (base + WK * KU < Q::NKB) load_step(base + WK * KU, nxt);
+#pragma unroll
+      for (int u = 0; u < KU; u++)
+        if (base + u * WK < Q::NKB) compute(base + u * WK, cur[u]);
+    }
+  } else {
+    constexpr int NSTEP = (Q::NKB + KU - 1) / KU;
+    // This thread copies granules gi = tid + t*NTHREADS of every k block's x tile.
+    const T* src[GPT];  // x row of each granule (nullptr: past the chunk's rows -> zeros)
+    int dst[GPT], col[GPT];
+#pragma unroll
+    for (int t = 0; t < GPT; t++) {
+      const int gi = int(threadIdx.x) + t * NTHREADS;
+      const int r = gi / XT::GR, q = gi % XT::GR;
+      const bool live = r < CG * 8;
+      src[t] = live ? row_of(r) : nullptr;
+      dst[t] = live ? XT::phys(r, q) : -1;
+      col[t] = q * 8;
+    }
+    auto issue_step = [&](int st) {
+#pragma unroll
+      for (int u = 0; u < KU; u++) {
+        const int kb = st * KU + u;
+        if (st < NSTEP && kb < Q::NKB) {
+          T* tile = xs + XT::buf(kb) * XT::TILE;
+#pragma unroll
+          for (int t = 0; t < GPT; t++) {
+            if (dst[t] < 0) continue;
+            const int k = kb * Q::KB + col[t];
+            const T* row = src[t];
+            const bool pred = row != nullptr && k < K;
+            cp_async_16_zfill(tile + dst[t], pred ? row + k : x_any, pred);
+          }
+        }
+      }
+      cp_async_commit();  // always: keeps the group count uniform for cp_async_wait
+    };
+#pragma unroll
+    for (int s0 = 0; s0 < XT::SS - 1; s0++) issue_step(s0);
+    load_step(0, nxt);
+    for (int st = 0; st < NSTEP; st++) {
+      cp_async_wait<XT::SS - 2>();
+      __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
+      issue_step(st + XT::SS - 1);
+#pragma unroll
+      for (int u = 0; u < KU; u++) cur[u] = nxt[u];
+      if (st + 1 < NSTEP) load_step((st + 1) * KU, nxt);
+#pragma unroll
+      for (int u = 0; u < KU; u++)
+        if (st * KU + u < Q::NKB) compute(st * KU + u, cur[u]);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the tile is reused by the next row chunk
   }
 }
 
@@ -314,7 +408,8 @@ __device__ inline T epilogue(float g, float u) {
 
 // ---- qmv: one (token, expert) pair per block column, expert ids read directly -----------------
 // Block b = p * NT + nt: pair p, N tile nt of 16*FN*WN rows; warps (wn, wk); column 0 only.
-template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int FN, int WN, int WK>
+template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int FN, int WN, int WK,
+          int KU>
 __device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, const T* biases,
                                 const int32_t* idx, int P, T* y, float* red) {
   using Q = QGeom<BITS, GS, K>;
@@ -331,7 +426,7 @@ __device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, 
   const T* xrow[1] = {g == 0 ? x + size_t(p / X_DIV) * K : nullptr};
   const int n0 = nt * BN + wn * 16 * FN;
   float acc[1][FN][1][4] = {};
-  warp_gemm<T, BITS, GS, K, FN, 1, 1, WK>(acc, ws, n0, ok ? N : 0, xrow, wk);
+  warp_gemm<T, BITS, GS, K, FN, 1, 1, WK, KU>(acc, ws, n0, ok ? N : 0, xrow, wk);
   reduce_split_k<FN * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
   if (wk == 0 && tig == 0) {  // column 0 = lanes with tig 0 hold c0 (row g) and c2 (row g+8)
     T* yr = y + size_t(p) * N;
@@ -382,10 +477,11 @@ __device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& 
 }
 
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int BM, int FN, int WN,
-          int WK, int MC, bool GLU>
+          int WK, int MC, int KU, bool GLU>
 __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
                                 const uint32_t* w1, const T* s1, const T* b1,
-                                const int32_t* order, const int32_t* offsets, T* y, float* red) {
+                                const int32_t* order, const int32_t* offsets, T* y, float* red,
+                                T* xs) {
   using Q = QGeom<BITS, GS, K>;
   constexpr int NWS = GLU ? 2 : 1;
   constexpr int CG = BM / 8;
@@ -413,7 +509,12 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
       xrow[c] = i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
     }
     float acc[NWS][FN][CG][4] = {};
-    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK>(acc, ws, n0, N, xrow, wk);
+    auto row_of = [&](int r) -> const T* {
+      const int i = r0 + r;
+      return i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
+    };
+    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, UseXs<BITS, BM>::value, 32 * WN * WK>(
+        acc, ws, n0, N, xrow, wk, xs, x, row_of);
     reduce_split_k<NWS * FN * CG * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
     if (wk == 0) {
 #pragma unroll

@@ -38,7 +38,7 @@ def test_validation_errors(wsb):
         (dict(idx=mx.array([0, -1, 2], mx.int32)), "out of range"),
         (dict(idx=mx.zeros((5,), mx.int32)), "broadcast"),
         (dict(w=wq.astype(mx.int32)), "uint32"),
-        (dict(config={"BM": 12, "FN": 1, "WN": 2, "WK": 1, "MC": 4}, family="qmm", backend="emulator-cuda"), "BM=12"),
+        (dict(config={"BM": 12, "FN": 1, "WN": 2, "WK": 1, "MC": 4, "KU": 1}, family="qmm", backend="emulator-cuda"), "BM=12"),
         (dict(config={"XX": 1}, backend="emulator-cuda"), "no kernel family"),
     ]
     for over, msg in cases:
@@ -83,7 +83,7 @@ def test_default_choice_by_m():
 
     fam, cfg = ops.default_choice(Problem(128, 2816, 1408, 8), sorted_layout=False)
     assert fam == "qmv"
-    for m, bm in ((2, 8), (16, 16), (32, 32), (64, 64)):
+    for m, bm in ((2, 8), (8, 8), (16, 16), (32, 32), (64, 64)):
         fam, cfg = ops.default_choice(Problem(128, 2816, 1408, 128 * m), sorted_layout=True)
         assert fam == "qmm" and cfg["BM"] == bm
 

@@ -80,7 +80,7 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def check(log) -> bool:
+def check(log, only=None) -> bool:
     """ops vs mx.gather_qmm: seed shape and random shapes, both layouts, every family."""
     ok = True
     rng = np.random.default_rng(1)
@@ -93,7 +93,9 @@ def check(log) -> bool:
         (6, 256, 136, 8, 32, mx.float16, None),
         (16, 1024, 256, 4, 128, mx.bfloat16, None),
     ]
-    for case in cases:
+    for ci, case in enumerate(cases):
+        if only is not None and ci not in only:
+            continue
         try:
             ok &= _check_case(log, rng, *case)
         except Exception as e:
@@ -136,14 +138,16 @@ def _check_case(log, rng, E, K, N, bits, gs, dt, m) -> bool:
         fs = flat[order]
         ref_s = mx.gather_qmm(xs, wq, s, b, rhs_indices=fs, transpose=True, group_size=gs, bits=bits,
                               sorted_indices=True)
-        for cfg in ({"BM": 8, "FN": 1, "WN": 2, "WK": 1, "MC": 4}, {"BM": 32, "FN": 2, "WN": 4, "WK": 1, "MC": 1},
-                    {"BM": 16, "FN": 1, "WN": 2, "WK": 2, "MC": 2}, None):
+        for cfg in ({"BM": 8, "FN": 1, "WN": 2, "WK": 1, "MC": 4, "KU": 2}, {"BM": 32, "FN": 2, "WN": 4, "WK": 1, "MC": 1, "KU": 2},
+                    {"BM": 16, "FN": 1, "WN": 2, "WK": 2 if bits != 4 else 1, "MC": 2, "KU": 1},
+                    {"BM": 64, "FN": 1, "WN": 4, "WK": 1, "MC": 1, "KU": 1}, None):
             try:
                 y = ops.gather_qmm(xs, wq, s, b, fs, group_size=gs, bits=bits, sorted_indices=True,
                                    family=None if cfg is None else "qmm", config=cfg)
                 err = rel_err(y, ref_s); good = y.shape == ref_s.shape and err < 2e-2
             except Exception as e:
-                err, good = str(e).splitlines()[0][:200], False
+                import traceback
+                err, good = traceback.format_exc()[-600:], False
             ok &= good
             log(f"check sorted   E{E} K{K} N{N} b{bits} gs{gs} {dt} T{T} qmm {cfg}: {err} {'ok' if good else 'FAIL'}")
         # fused gate+up
@@ -174,6 +178,9 @@ def main(argv=None):
     ap.add_argument("--n", default="1408")
     ap.add_argument("--stock", default="1,4")
     ap.add_argument("--routers", default="balanced")
+    ap.add_argument("--check-cases", default=None)
+    ap.add_argument("--lite-n", default="")
+    ap.add_argument("--router-m", default="1,4,16,64")
     ap.add_argument("--all-configs", action="store_true")
     args = ap.parse_args(argv)
     lines = []
@@ -183,23 +190,25 @@ def main(argv=None):
 
     t_start = time.time()
     if not args.skip_check:
-        log(f"ALL CHECKS {'PASS' if check(log) else 'FAIL'} ({time.time() - t_start:.0f} s)")
+        only = None if args.check_cases is None else {int(v) for v in args.check_cases.split(",")}
+        log(f"ALL CHECKS {'PASS' if check(log, only) else 'FAIL'} ({time.time() - t_start:.0f} s)")
 
     E, K, top_k, bits, gs, dt = 128, 2816, 8, 4, 64, mx.bfloat16
     rows = []
     from ..backend import CUDA
     routers = args.routers.split(",")
+    lite = {int(v) for v in args.lite_n.split(",") if v}
     for N in [int(v) for v in args.n.split(",")]:
         copies = 4
         W = make_weights(E, N, K, bits, gs, dt, copies)
         full = sum(a.nbytes for a in W[0])
         # bandwidth probe: a full read of one weight copy (same bytes the kernels stream)
-        probe = timeit([lambda i=i: mx.sum(W[i % copies][0], dtype=mx.uint32) for i in range(8)])
+        probe = timeit([lambda i=i: mx.sum(W[i % copies][0]) for i in range(8)])
         log(f"N{N} ref.bandwidth {W[0][0].nbytes / probe[0] / 1e9:.0f} GB/s")
         rows.append(dict(kernel="ref.bandwidth", config="", n=N, k=K, time_us=probe[0] * 1e6,
                          weight_bytes=W[0][0].nbytes, gbps=W[0][0].nbytes / probe[0] / 1e9, status="ok", backend="cuda"))
         for router in routers:
-          for m in [int(v) for v in args.m.split(",")]:
+          for m in [int(v) for v in (args.m if router == "balanced" else args.router_m).split(",")]:
             if router == "balanced":
                 idx_np = balanced(m, E, top_k)
             elif router == "skewed":
@@ -232,6 +241,10 @@ def main(argv=None):
                 fam = registry.FAMILIES[fname]
                 for cfg in fam.valid_configs(prob, CUDA):
                     if router != "balanced" and not args.all_configs:
+                        continue
+                    if N in lite and cfg["FN"] != 2:
+                        continue
+                    if fname == "qmv" and m > 1:
                         continue
                     if fname == "qmv" and m > 2:
                         continue

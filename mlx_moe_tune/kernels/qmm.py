@@ -7,7 +7,9 @@ one pass over x and writes silu(gate) * up.
 
 CUDA tile (cuda/qmm.cu): BM rows per chunk (the mma n side, multiple of 8), FN 16-row fragments
 per warp, WN warps along N, WK warps splitting K, MC chunks per block (row split: a hot expert
-is spread over ceil(rows / (BM*MC)) blocks per N tile). Metal tile: see kernels/metal_tiles.py.
+is spread over ceil(rows / (BM*MC)) blocks per N tile), KU k blocks loaded per step (bytes in
+flight; KU=2 reads whole 128-byte lines of each W row). 4-bit with BM >= 16 stages x in shared
+memory through a 2-3 deep cp.async pipeline. Metal tile: see kernels/metal_tiles.py.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from .family import DialectSource, KernelFamily, Launch
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "BM": (8, 16, 32, 64),
     "FN": (1, 2),
-    "WN": (2, 4),
+    "WN": (4,),
     "WK": (1,),
     "MC": (4,),
+    "KU": (1, 2),
 }
 _HEADERS = ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")
 
@@ -41,12 +44,29 @@ def cuda_blocks(problem, config: Mapping[str, int]) -> int:
     return units * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
 
 
+def xs_smem_bytes(problem, config: Mapping[str, int]) -> int:
+    """Bytes of the shared-memory x tile (cuda/mmt_gather.cuh XsTile; 0 when x is not staged)."""
+    bm, ku = config["BM"], config["KU"]
+    if problem.bits != 4 or bm < 16:
+        return 0
+    tile = bm * 16 * 16  # bytes of one k block: BM rows x 128 values x 2 bytes
+    stages = 3 if tile * ku * 3 <= 40 * 1024 else 2
+    return stages * ku * tile
+
+
 def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
     if backend.dialect == "metal":
         return metal_tiles.check_qmm(problem, config, backend, glu=glu)
     if (why := check_format_cuda(problem)) is not None:
         return why
-    bm, fn, wn, wk, mc = (config[k] for k in ("BM", "FN", "WN", "WK", "MC"))
+    bm, fn, wn, wk, mc, ku = (config[k] for k in ("BM", "FN", "WN", "WK", "MC", "KU"))
+    if ku < 1:
+        return f"KU={ku} must be >= 1"
+    xs_bytes = xs_smem_bytes(problem, config)
+    if xs_bytes and wk != 1:
+        return "4-bit with BM >= 16 stages x in shared memory, which needs WK=1"
+    if xs_bytes + 64 > CUDA_STATIC_SMEM:
+        return f"x tile {xs_bytes} B of shared memory > {CUDA_STATIC_SMEM} B (lower BM or KU)"
     if bm % 8 or bm <= 0:
         return f"BM={bm} must be a positive multiple of 8 (the mma n side)"
     if mc < 1:

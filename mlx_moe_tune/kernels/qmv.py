@@ -5,7 +5,8 @@ contract in TEAM.md: x (X, K), w (E, N, K*bits/32) uint32, scales/biases (E, N, 
 x row of pair p is p / X_DIV; output y (P, N).
 
 CUDA tile (cuda/qmv.cu): FN 16-row mma fragments per warp, WN warps along N, WK warps splitting
-K inside the block (reduced through shared memory). Metal tile: see kernels/metal_tiles.py.
+K inside the block (reduced through shared memory), KU k blocks loaded per step and warp (bytes
+in flight). Metal tile: see kernels/metal_tiles.py.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .family import DialectSource, KernelFamily, Launch
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "FN": (1, 2),
     "WN": (2, 4),
-    "WK": (1, 2, 4),
+    "WK": (2, 4),
+    "KU": (1, 2),
 }
 
 
@@ -37,9 +39,15 @@ def check(problem, config: Mapping[str, int], backend: Backend) -> str | None:
     if (why := check_format_cuda(problem)) is not None:
         return why
     fn, wn, wk = config["FN"], config["WN"], config["WK"]
+    if config["KU"] < 1:
+        return f"KU={config['KU']} must be >= 1"
     threads = _cuda_threads(config)
     if threads > backend.max_threads:
         return f"{threads} threads per block > {backend.max_threads}"
+    if threads * config["KU"] > 512:
+        # ~100 registers per KU step buffer: 512 threads x 2 steps exceed the 64K register file
+        # (the H100 refuses the launch: "too many resources requested")
+        return f"{threads} threads x KU={config['KU']} exceed the register file (threads*KU <= 512)"
     smem = (wk - 1) * wn * fn * 4 * WARP * 4
     if smem > CUDA_STATIC_SMEM:
         return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
