@@ -46,6 +46,10 @@ def sparse(T: int, E: int, top_k: int, active: int = 16, seed: int = 0) -> np.nd
     return np.stack([act[rng.choice(active, top_k, replace=False)] for _ in range(T)]).astype(np.int32)
 
 
+def nn_silu(g):
+    return g * mx.sigmoid(g)
+
+
 def make_weights(E, N, K, bits, gs, dtype, copies, seed=0):
     out = []
     for c in range(copies):
@@ -179,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--stock", default="1,4")
     ap.add_argument("--routers", default="balanced")
     ap.add_argument("--check-cases", default=None)
+    ap.add_argument("--auto-only", action="store_true")
+    ap.add_argument("--glu", action="store_true")
     ap.add_argument("--lite-n", default="")
     ap.add_argument("--router-m", default="1,4,16,64")
     ap.add_argument("--all-configs", action="store_true")
@@ -237,7 +243,7 @@ def main(argv=None):
                 rows.append(r)
                 log(f"N{N} {router[:4]} m{m:3d} {kernel:<14} {cfg:<26} {med*1e6:8.1f} us {nbytes/med/1e9:6.0f} GB/s")
             cands = []
-            for fname in ("qmv", "qmm"):
+            for fname in (() if args.auto_only else ("qmv", "qmm")):
                 fam = registry.FAMILIES[fname]
                 for cfg in fam.valid_configs(prob, CUDA):
                     if router != "balanced" and not args.all_configs:
@@ -266,6 +272,25 @@ def main(argv=None):
                 return lambda: ops.gather_qmm(xs, wq, s, b, fs, group_size=gs, bits=bits, sorted_indices=True,
                                               validate=False)
             rec("tuned.auto", "auto", timeit([mk_op(i) for i in range(R)]))
+            if args.glu and router == "balanced":  # fused gate+up vs two calls + silu*up
+                def mk_glu(i):
+                    (wg, sg, bg), (wu, su, bu) = W[i % copies], W[(i + 1) % copies]
+                    return lambda: ops.gather_qmm_glu(xs, wg, sg, bg, wu, su, bu, fs, group_size=gs, bits=bits,
+                                                      sorted_indices=True, plan=plan, validate=False)
+                def mk_two(i):
+                    (wg, sg, bg), (wu, su, bu) = W[i % copies], W[(i + 1) % copies]
+                    def f():
+                        g = ops.gather_qmm(xs, wg, sg, bg, fs, group_size=gs, bits=bits, sorted_indices=True,
+                                           plan=plan, validate=False)
+                        u = ops.gather_qmm(xs, wu, su, bu, fs, group_size=gs, bits=bits, sorted_indices=True,
+                                           plan=plan, validate=False)
+                        return nn_silu(g) * u
+                    return f
+                nb = nbytes
+                nbytes = 2 * nb
+                rec("tuned.qmm_glu", "auto", timeit([mk_glu(i) for i in range(R)]))
+                rec("tuned.auto_x2+silu", "auto", timeit([mk_two(i) for i in range(R)]))
+                nbytes = nb
             if str(m) in args.stock.split(",") and router == "balanced":
                 def mk_st(i):
                     wq, s, b = W[i % copies]
