@@ -334,7 +334,8 @@ if __name__ == "__main__":
     main()
 
 
-def export(bench_dir: str, out_dir: str, name: str = "tuned-cuda-gemma-26b-a4b", hbm_gbps: float = 3062.0):
+def export(bench_dir: str, out_dir: str, name: str = "tuned-cuda-gemma-26b-a4b", hbm_gbps: float = 3062.0,
+           matrices: dict | None = None):
     """bench.csv -> <name>.csv (sweep columns) + .json + .png (GB/s vs m: best config per m)."""
     import os
 
@@ -343,17 +344,27 @@ def export(bench_dir: str, out_dir: str, name: str = "tuned-cuda-gemma-26b-a4b",
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    matrices = matrices or {1408: "gate_up", 704: "up"}  # the gemma-26b-a4b preset's names
     df = pd.read_csv(os.path.join(bench_dir, "bench.csv"))
     meta = json.load(open(os.path.join(bench_dir, "bench.json")))
     dev = meta.get("device", {})
     df["device"] = dev.get("device_name", "NVIDIA H100 80GB HBM3") if isinstance(dev, dict) else str(dev)
     df["backend"] = "cuda"
+    # the sweep's shape columns (plot.SHAPE_COLUMNS) must be filled for every row, or the row
+    # falls out of the per-shape grouping when this file is concatenated with the sweep's
+    for col, val in dict(mode="affine", bits=4, group_size=64, dtype="bfloat16", experts=128, top_k=8,
+                         k=2816).items():
+        df[col] = df[col].fillna(val)
+    df["router"] = df["router"].fillna("balanced")
+    df["matrix"] = df["n"].map(lambda n: matrices.get(int(n), f"N{int(n)}"))
+    df["seed"], df["iters"], df["copies"] = 0, 5, 4
+    df["batch"] = df["kernel"].map(lambda k: 1 if "decode" in str(k) else 16)
     df["pct_roofline"] = df["gbps"] / hbm_gbps * 100
     P = df["tokens"] * df["top_k"]
     df["tflops"] = 2 * P * df["k"] * df["n"] / (df["time_us"] * 1e-6) / 1e12
-    cols = ["kernel", "config", "m", "tokens", "experts", "active_experts", "top_k", "k", "n", "mode", "bits",
-            "group_size", "dtype", "router", "time_us", "time_us_p10", "time_us_p90", "weight_bytes", "gbps",
-            "pct_roofline", "tflops", "status", "backend", "device"]
+    cols = ["kernel", "config", "matrix", "m", "tokens", "experts", "active_experts", "top_k", "k", "n", "mode", "bits",
+            "group_size", "dtype", "router", "seed", "time_us", "time_us_p10", "time_us_p90", "weight_bytes", "gbps",
+            "pct_roofline", "tflops", "iters", "batch", "copies", "status", "backend", "device"]
     df = df.reindex(columns=cols)
     os.makedirs(out_dir, exist_ok=True)
     df.to_csv(os.path.join(out_dir, name + ".csv"), index=False)
