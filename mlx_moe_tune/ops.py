@@ -9,6 +9,7 @@ and tile come from, in order: the `family`/`config` arguments, a tuning table
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import mlx.core as mx
@@ -172,7 +173,8 @@ def _prepare(x, w, scales, biases, indices, group_size, bits, mode, sorted_indic
         if tuple(wx.shape) != tuple(w.shape) or tuple(sx.shape) != tuple(scales.shape) or tuple(bx.shape) != tuple(biases.shape):
             raise ValueError("gate and up weights must have the same shapes")
     x2, flat, x_div, batch = _layout(x, indices)
-    flat = flat.astype(mx.int32)
+    if flat.dtype != mx.int32:  # an astype to the same dtype would still be a graph node
+        flat = flat.astype(mx.int32)
     if validate:
         _check_range(flat, E)
     P = flat.size
@@ -195,22 +197,70 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     (the kernels never read out of bounds for a bad id either way). m: rows per expert, if known
     (tile choice only). family/config: force a kernel family ("qmv", "qmm") and tile.
     """
-    b, problem, x2, flat, x_div, batch, cast = _prepare(
-        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, validate, m)
-    N = problem.n
-    if problem.rows == 0:
-        return mx.zeros((*batch, 1, N), dtype=x.dtype)
-    top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
-    fam, cfg = _choose(problem, b, family, config, False, sorted_indices, top_k)
-    if fam.name == "qmv":
-        y = _run(fam, problem, cfg, b, [x2, w, cast(scales), cast(biases), flat], x_div)
+    ckey = config if config is None or isinstance(config, str) else tuple(dict(config).items())
+    key = (tuple(x.shape), x.dtype, tuple(w.shape), w.dtype, tuple(scales.shape), scales.dtype,
+           None if biases is None else (tuple(biases.shape), biases.dtype), tuple(indices.shape),
+           indices.dtype, group_size, bits, mode, sorted_indices, family, ckey,
+           backend if backend is None or isinstance(backend, str) else backend.name, m)
+    spec = _SPECS.get(key)
+    if spec is None:  # first call with these shapes: validate everything and choose the tile
+        if len(_SPECS) > 4096:  # many distinct token counts (prefill): keep the memo bounded
+            _SPECS.clear()
+        spec = _SPECS[key] = _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices,
+                                   config, family, backend, m)
+    if spec.problem.rows == 0:
+        return mx.zeros(spec.out_shape, dtype=x.dtype)
+    # per call: only reshapes, the optional range check, the plan and the launch
+    x2, flat, _, _ = _layout(x, indices) if spec.materialize else (
+        x.reshape(spec.x_rows, spec.problem.k), indices.reshape(-1), None, None)
+    if flat.dtype != mx.int32:
+        flat = flat.astype(mx.int32)
+    if validate:
+        _check_range(flat, spec.problem.experts)
+    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
+    if spec.fam.name == "qmv":
+        inputs = [x2, w, cast(scales), cast(biases), flat]
     else:
         if plan is None:
-            plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+            plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices)
         else:
-            plan = as_plan(plan, problem.experts, problem.rows)
-        y = _run(fam, problem, cfg, b, [x2, w, cast(scales), cast(biases), plan.order, plan.offsets], x_div)
-    return y.reshape(*batch, 1, N)
+            plan = as_plan(plan, spec.problem.experts, spec.problem.rows)
+        inputs = [x2, w, cast(scales), cast(biases), plan.order, plan.offsets]
+    (y,) = spec.fam.kernel(spec.backend)(inputs=inputs, output_dtypes=[x.dtype], **spec.kwargs)
+    return y.reshape(spec.out_shape)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything about a gather_qmm call that depends only on shapes, dtypes and arguments."""
+
+    problem: Problem
+    backend: Backend
+    fam: object
+    kwargs: dict  # kernel-call keywords except inputs and output dtypes
+    x_rows: int
+    materialize: bool  # x batch broadcasts another way: _layout per call
+    out_shape: tuple
+
+
+_SPECS: dict = {}
+
+
+def _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, config, family, backend, m):
+    b, problem, x2, flat, x_div, batch, _ = _prepare(
+        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, False, m)
+    out_shape = (*batch, 1, problem.n)
+    materialize = tuple(indices.shape) != batch or (x_div == 1 and tuple(x.shape[:-2]) != batch)
+    if problem.rows == 0:
+        return _Spec(problem, b, None, {}, 0, materialize, out_shape)
+    top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
+    fam, cfg = _choose(problem, b, family, config, False, sorted_indices, top_k)
+    launch = fam.launch(problem, cfg, b)
+    kwargs = dict(template=template_args(problem, cfg, x_div), grid=launch.grid, threadgroup=launch.threadgroup,
+                  output_shapes=[(problem.rows, problem.n)])
+    if launch.shared_memory and not b.emulated and b.dialect == "cuda":
+        kwargs["shared_memory"] = launch.shared_memory
+    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape)
 
 
 FUSED_MIN_M = 12  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)
