@@ -263,7 +263,7 @@ def _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices,
     return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape)
 
 
-FUSED_MIN_M = 12  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)
+FUSED_MIN_M = 24  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)
 
 
 def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up,
@@ -275,9 +275,10 @@ def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_u
 
     From FUSED_MIN_M rows per expert on (or whenever `config` is given) one qmm_glu kernel reads
     x once for both weight sets and applies the epilogue in float32, rounding once. Below it, two
-    tuned calls share the plan and are followed by silu(g) * u: measured on the H100 (E=128,
-    K=2816, N=1408), the fused kernel's doubled register tile makes it 1.9x slower at m <= 8 but
-    1.07-1.18x faster than two calls at m = 16 and 32."""
+    tuned calls share the plan and are followed by silu(g) * u. Measured on the H100 (E=128,
+    K=2816, N=1408; sweeps/results/h100/tuned-cuda-gemma-26b-a4b-op.csv): the fused kernel's
+    doubled register tile makes it 1.9x slower at m <= 8, a wash at m = 16 (+-10% between runs),
+    1.15-1.18x faster at m = 32 and about even at m = 64."""
     b, problem, x2, flat, x_div, batch, cast = _prepare(
         x, w_gate, scales_gate, biases_gate, indices, group_size, bits, mode, sorted_indices, backend,
         validate, m, w_extra=((w_up, scales_up, biases_up),))

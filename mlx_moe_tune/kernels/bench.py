@@ -385,9 +385,12 @@ def export(bench_dir: str, out_dir: str, name: str = "tuned-cuda-gemma-26b-a4b",
         d = df[(df["n"] == n) & (df["status"] == "ok")]
         bal = d[d["router"] == "balanced"]
         tuned = bal[bal["kernel"].isin(["tuned.qmv", "tuned.qmm"])]
-        best = tuned.loc[tuned.groupby("m")["time_us"].idxmin()].sort_values("m")
-        ax.plot(best["m"], best["gbps"], "o-", label="tuned (best config per m)")
-        for kern, style, lab in (("tuned.auto", "s--", "tuned.auto (op default)"), ("stock.gather_qmm", "x:", "stock mx.gather_qmm")):
+        if len(tuned):
+            best = tuned.loc[tuned.groupby("m")["time_us"].idxmin()].sort_values("m")
+            ax.plot(best["m"], best["gbps"], "o-", label="tuned (best config per m)")
+        for kern, style, lab in (("tuned.auto", "s--", "tuned.auto (op default)"), ("stock.gather_qmm", "x:", "stock mx.gather_qmm"),
+                                 ("tuned.qmm_glu", "d-", "gather_qmm_glu (gate+up, 2x bytes)"),
+                                 ("tuned.auto_x2+silu", "d:", "two gather_qmm + silu*up (2x bytes)")):
             s = bal[bal["kernel"] == kern].sort_values("m")
             if len(s):
                 ax.plot(s["m"], s["gbps"], style, label=lab)
