@@ -7,7 +7,8 @@ SIMT emulator (Metal dialect unless `--backend emulator-cuda`). Prints one pass/
 Cases are ragged on purpose: N not a multiple of any tile width, an expert with no rows, one
 with a single row and one with more rows than any BM, K of a single group, and the per-token
 decode layout (x row = pair / top_k). Every config of the shipped space runs on the ragged
-case; the format matrix (bits x group size x dtype) runs the first and last valid configs.
+case; the format matrix (bits x group size x dtype) runs the largest valid tile of each family
+(`--full`: every config everywhere).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Case:
     group_size: int = 32
     dtype: str = "bfloat16"
     x_div: int = 1  # x row of pair p is p // x_div (top_k for the per-token decode layout)
-    configs: str = "all"  # "all" or "ends" (first and last valid config)
+    configs: str = "all"  # "all", "ends" (first and last valid config) or "last" (the largest tile)
 
     def problem(self) -> Problem:
         rows = sum(self.counts)
@@ -59,7 +60,7 @@ def default_cases(full: bool = False) -> list[Case]:
                 # K of one group: the smallest K a quantized matrix can have
                 cases.append(
                     Case(f"{bits}bit-gs{gs}-{dtype}", counts=(3, 0, 1, 2), k=gs, n=24, bits=bits,
-                         group_size=gs, dtype=dtype, configs="all" if full else "ends")
+                         group_size=gs, dtype=dtype, configs="all" if full else "last")
                 )
     return cases
 
@@ -165,6 +166,8 @@ def select_configs(family, backend, case: Case) -> list[dict]:
     valid = family.valid_configs(case.problem(), backend)
     if case.configs == "ends" and len(valid) > 2:
         return [valid[0], valid[-1]]
+    if case.configs == "last":  # the largest tile: BK past K, BN past N, most simdgroups
+        return valid[-1:]
     return valid
 
 
