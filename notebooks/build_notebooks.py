@@ -115,10 +115,12 @@ LOAD_TABLES = '''\
 TABLES = Path(os.environ.get("MLX_MOE_TUNE_REPORT_TABLES", tables.SHIPPED_DIR))
 shipped = [t for t, err in tables.load_dir(TABLES) if t is not None]
 if not shipped:
-    raise FileNotFoundError(f"no tuning table in {TABLES}")
+    print(f"No tuning table is shipped in {TABLES} yet: the H100 tune run was not made in this session.\\n"
+          "The sections below fall back to the committed per-config H100 sweeps where they can.")
 table_df = pd.DataFrame([dict(E=t.E, K=t.K, N=t.N, m=b.m, family=b.family, config=b.to_json()["config_id"],
                               gbps=b.gbps, stock_gbps=b.stock_gbps, speedup=b.speedup)
-                         for t in shipped for b in t.buckets]).sort_values(["K", "N", "m"])
+                         for t in shipped for b in t.buckets],
+                        columns=["E", "K", "N", "m", "family", "config", "gbps", "stock_gbps", "speedup"]).sort_values(["K", "N", "m"])
 for t in shipped:
     print(f"{t.path.name}\\n  mlx {t.mlx_version}, {t.meta.get('created')}, candidates per bucket "
           f"{ {m: c for m, c in t.meta.get('candidates', {}).items()} }")
@@ -126,18 +128,25 @@ table_df.round(2)
 '''
 
 LOAD_TUNE = '''\
-cands = plot.load(RESULTS / "tune.csv")
-tuned = cands[cands.kernel.str.startswith("tuned.")]
+if (RESULTS / "tune.csv").exists():
+    cands = plot.load(RESULTS / "tune.csv")
+else:  # no tuner run committed: every (config, m) of the committed per-config sweeps
+    cands = pd.concat([plot.load(f) for f in sorted(RESULTS.glob("*.csv"))], ignore_index=True)
+    print("no tune.csv: using the committed sweeps' per-config rows")
+tuned = cands[cands.kernel.str.startswith("tuned.") & (cands.config.astype(str).str.len() > 0)
+              & (cands.config.astype(str) != "auto")]
 print(f"{len(tuned)} candidate measurements (shape x m x config):")
 print(tuned.status.value_counts().to_string())
 bad = tuned[tuned.status.isin(["wrong", "error"])]
-bad[["k", "n", "m", "kernel", "config", "status", "message"]].drop_duplicates(["kernel", "config", "status"]).head(10)
+bad[[c for c in ("k", "n", "m", "kernel", "config", "status", "message") if c in bad.columns]].drop_duplicates(
+    ["kernel", "config", "status"]).head(10)
 '''
 
 HEATMAPS = '''\
 # one heatmap per shape: every family's configs as rows ("qmv FN1_WN2_WK1"), m as columns
-hm = tuned.assign(config=tuned.kernel.str.replace("tuned.", "", regex=False) + " " + tuned.config, kernel="tuned")
-groups = plot.shapes(hm)
+hm = tuned[(tuned.status == "ok") & tuned.gbps.notna() & (tuned.get("router", "balanced") == "balanced")]
+hm = hm.assign(config=hm.kernel.str.replace("tuned.", "", regex=False) + " " + hm.config.astype(str), kernel="tuned")
+groups = [(k, d) for k, d in plot.shapes(hm) if len(d)]
 fig, axes = plt.subplots(len(groups), 1, figsize=(9, 7 * len(groups)), squeeze=False, constrained_layout=True)
 for ax, (key, d) in zip(axes[:, 0], groups):
     plot.plot_heatmap(d, "tuned", ax=ax)
@@ -145,7 +154,8 @@ plt.show()
 '''
 
 TABLE_SPEEDUP = '''\
-# the tables' chosen config vs stock mx.gather_qmm (both as recorded by the tuner)
+# the tables' chosen config vs stock mx.gather_qmm (both as recorded by the tuner); without a
+# shipped table, the best config per m of the per-config rows vs the stock rows beside them
 rows = []
 for t in shipped:
     for b in t.buckets:
@@ -154,28 +164,39 @@ for t in shipped:
         rows.append(dict(base, kernel=f"tuned.{b.family}", config=b.to_json()["config_id"], gbps=b.gbps))
         if b.stock_gbps:
             rows.append(dict(base, kernel="stock.gather_qmm", config="", gbps=b.stock_gbps))
+sp_rows = pd.DataFrame(rows) if rows else pd.concat([tuned, cands[cands.kernel == "stock.gather_qmm"]])
 fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-plot.plot_speedup(pd.DataFrame(rows), ax=ax)
+plot.plot_speedup(sp_rows, ax=ax)
 ax.set_yscale("log")
 plt.show()
 '''
 
 RECHECK = '''\
-recheck = pd.DataFrame(json.loads((RESULTS / "tune-recheck.json").read_text()))
-print(f"{int(recheck.within_10pct.sum())}/{len(recheck)} buckets reproduce their recorded GB/s within 10% "
-      f"(rerun / recorded: min {recheck.ratio.min():.3f}, median {recheck.ratio.median():.3f}, max {recheck.ratio.max():.3f})")
-recheck[["K", "N", "m", "family", "config", "recorded_gbps", "rerun_gbps", "ratio", "within_10pct"]].round(3)
+recheck_path = RESULTS / "tune-recheck.json"
+if recheck_path.exists():
+    recheck = pd.DataFrame(json.loads(recheck_path.read_text()))
+    print(f"{int(recheck.within_10pct.sum())}/{len(recheck)} buckets reproduce their recorded GB/s within 10% "
+          f"(rerun / recorded: min {recheck.ratio.min():.3f}, median {recheck.ratio.median():.3f}, "
+          f"max {recheck.ratio.max():.3f})")
+    display(recheck[["K", "N", "m", "family", "config", "recorded_gbps", "rerun_gbps", "ratio",
+                     "within_10pct"]].round(3))
+else:
+    print(f"no rerun check committed ({recheck_path.name}): run `mlx-moe-tune tune ... --recheck -o DIR`")
 '''
 
 GAP = '''\
-gap = pd.DataFrame(json.loads((RESULTS / "tune-gap.json").read_text()))
-for name in ("heuristic", "rule"):
-    g = gap[f"{name}_gap"].dropna()
-    if len(g):
-        print(f"{name}: mean gap {g.mean():.1%}, median {g.median():.1%}, worst {g.max():.1%} over {len(g)} buckets")
-cols = ["K", "N", "m", "tuned_config", "tuned_gbps", "heuristic_source", "heuristic_config",
-        "heuristic_gbps", "heuristic_gap", "rule_config", "rule_gbps", "rule_gap"]
-gap[[c for c in cols if c in gap.columns]].round(3)
+gap_path = RESULTS / "tune-gap.json"
+if gap_path.exists():
+    gap = pd.DataFrame(json.loads(gap_path.read_text()))
+    for name in ("heuristic", "rule"):
+        g = gap[f"{name}_gap"].dropna()
+        if len(g):
+            print(f"{name}: mean gap {g.mean():.1%}, median {g.median():.1%}, worst {g.max():.1%} over {len(g)} buckets")
+    cols = ["K", "N", "m", "tuned_config", "tuned_gbps", "heuristic_source", "heuristic_config",
+            "heuristic_gbps", "heuristic_gap", "rule_config", "rule_gbps", "rule_gap"]
+    display(gap[[c for c in cols if c in gap.columns]].round(3))
+else:
+    print(f"no heuristic-gap run committed ({gap_path.name}): run `mlx-moe-tune tune ... --heuristic-gap -o DIR`")
 '''
 
 LOOKUP = '''\
@@ -184,18 +205,22 @@ LOOKUP = '''\
 # nearest m bucket (log2) of the table wins
 from mlx_moe_tune.kernels.family import Problem
 
-t = shipped[0]
-top_k = int(t.meta.get("top_k", 8))
-demo = []
-for tokens in (1, 4, 32, 256, 1024):
-    p = Problem(experts=t.E, k=t.K, n=t.N, rows=tokens * top_k, bits=t.bits, group_size=t.group_size,
-                mode=t.mode, dtype=t.dtype)
-    m = tables.estimate_m(p, top_k=top_k)
-    b = t.bucket(m)
-    demo.append(dict(tokens=tokens, rows=p.rows, m_estimate=round(m, 2), bucket=b.m, family=b.family,
-                     config=b.to_json()["config_id"], table_gbps=b.gbps))
-print(f"{t.device}, E={t.E} K={t.K} N={t.N}")
-pd.DataFrame(demo)
+if shipped:
+    t = shipped[0]
+    top_k = int(t.meta.get("top_k", 8))
+    demo = []
+    for tokens in (1, 4, 32, 256, 1024):
+        p = Problem(experts=t.E, k=t.K, n=t.N, rows=tokens * top_k, bits=t.bits, group_size=t.group_size,
+                    mode=t.mode, dtype=t.dtype)
+        m = tables.estimate_m(p, top_k=top_k)
+        b = t.bucket(m)
+        demo.append(dict(tokens=tokens, rows=p.rows, m_estimate=round(m, 2), bucket=b.m, family=b.family,
+                         config=b.to_json()["config_id"], table_gbps=b.gbps))
+    print(f"{t.device}, E={t.E} K={t.K} N={t.N}")
+    display(pd.DataFrame(demo))
+else:
+    p = Problem(experts=128, k=2816, n=1408, rows=32 * 8)
+    print("no shipped table: m estimate for 32 tokens, top-8, E=128:", round(tables.estimate_m(p, top_k=8), 2))
 '''
 
 
