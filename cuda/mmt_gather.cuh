@@ -184,14 +184,17 @@ struct UseXs {
   static constexpr bool value = BITS == 4 && BM >= 16;
 };
 
+// RING (shared-x path only): W comes through a ring of KU + 1 one-block register chunks instead of
+// the double buffer of KU-block steps; see the XS loop below and qmm_impl for where it is used.
 template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK, int KU, bool XS = false,
-          int NTHREADS = 32, typename RowFn = int>
+          int NTHREADS = 32, typename RowFn = int, bool RING = false>
 __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
                                  int nlim, const T* const (&xrow)[CG], int wk,
                                  T* xs = nullptr, const T* x_any = nullptr, RowFn row_of = 0) {
   using Q = QGeom<BITS, GS, K>;
   using Tr = Pair<T>;
   static_assert(!XS || (BITS == 4 && WK == 1), "shared-memory x path: 4-bit, WK == 1");
+  static_assert(!RING || XS, "the W ring is only wired into the shared-memory x path");
   using XT = XsTile<CG * 8, KU>;
   constexpr int GPT = XS ? (CG * 8 * XT::GR + NTHREADS - 1) / NTHREADS : 1;  // granules per thread
   const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -357,17 +360,47 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
     };
 #pragma unroll
     for (int s0 = 0; s0 < XT::SS - 1; s0++) issue_step(s0);
-    load_step(0, nxt);
-    for (int st = 0; st < NSTEP; st++) {
-      cp_async_wait<XT::SS - 2>();
-      __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
-      issue_step(st + XT::SS - 1);
+    if constexpr (!RING) {
+      load_step(0, nxt);
+      for (int st = 0; st < NSTEP; st++) {
+        cp_async_wait<XT::SS - 2>();
+        __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
+        issue_step(st + XT::SS - 1);
 #pragma unroll
-      for (int u = 0; u < KU; u++) cur[u] = nxt[u];
-      if (st + 1 < NSTEP) load_step((st + 1) * KU, nxt);
+        for (int u = 0; u < KU; u++) cur[u] = nxt[u];
+        if (st + 1 < NSTEP) load_step((st + 1) * KU, nxt);
+#pragma unroll
+        for (int u = 0; u < KU; u++)
+          if (st * KU + u < Q::NKB) compute(st * KU + u, cur[u]);
+      }
+    } else {
+      // W ring: KU + 1 one-block register chunks instead of 2 * KU; the loads of blocks
+      // kb+1 .. kb+KU are issued before block kb is consumed (each one right after its slot was
+      // consumed), so KU blocks stay in flight between steps too. The step loop is unrolled NB
+      // times so that every ring index is a compile-time constant (st0 * KU is a multiple of
+      // NB): no register moves, which would wait for the loads in flight.
+      constexpr int NB = KU + 1;
+      Chunk ring[NB];
 #pragma unroll
       for (int u = 0; u < KU; u++)
-        if (st * KU + u < Q::NKB) compute(st * KU + u, cur[u]);
+        if (u < Q::NKB) load(u, ring[u]);
+      for (int st0 = 0; st0 < NSTEP; st0 += NB) {
+#pragma unroll
+        for (int r = 0; r < NB; r++) {
+          const int st = st0 + r;
+          if (st < NSTEP) {  // uniform over the block (barrier inside)
+            cp_async_wait<XT::SS - 2>();
+            __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
+            issue_step(st + XT::SS - 1);
+#pragma unroll
+            for (int u = 0; u < KU; u++) {
+              const int kb = st * KU + u;
+              if (kb + KU < Q::NKB) load(kb + KU, ring[(r * KU + u + KU) % NB]);
+              if (kb < Q::NKB) compute(kb, ring[(r * KU + u) % NB]);
+            }
+          }
+        }
+      }
     }
     cp_async_wait<0>();
     __syncthreads();  // the tile is reused by the next row chunk
@@ -513,7 +546,16 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
       const int i = r0 + r;
       return i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
     };
-    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, UseXs<BITS, BM>::value, 32 * WN * WK>(
+    // The W ring (warp_gemm) where it measured faster on the H100, gemma-26b-a4b 4-bit gs64 bf16
+    // (sweeps/results/h100/tuned-cuda-gemma-26b-a4b-v2-ab*.csv, old/new interleaved in one
+    // process, two runs): shared-x path, KU = 2, CG * FN == 4 (BM16 FN2: +7.5% / +6.8% at m=16,
+    // +8.3% / +8.1% at m=32; BM32 FN1: +3.9% / +4.4%). Not used where it measured slower or
+    // even: BM16 FN1 (-2.2% / -0.3%), BM32 FN2 KU2 (-7%), BM64 (-6..-12%), BM8 KU2 (register x
+    // path: -10..-16%, the double buffer there requests whole 128-byte lines per row), qmv.
+    // qmm_glu (two weight sets) was not measured.
+    constexpr bool XS = UseXs<BITS, BM>::value;
+    constexpr bool RING = XS && KU == 2 && NWS == 1 && CG * FN == 4;
+    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, XS, 32 * WN * WK, decltype(row_of), RING>(
         acc, ws, n0, N, xrow, wk, xs, x, row_of);
     reduce_split_k<NWS * FN * CG * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
     if (wk == 0) {
