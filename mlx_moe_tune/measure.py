@@ -316,13 +316,20 @@ def prepare_case(problem: Problem, m: int, top_k: int, router: str = "balanced",
 
 
 def case_reference(case: Case, layout: str = "sorted") -> np.ndarray:
-    """float64 y = x @ dequant(W[e]).T computed with MLX dequantize + float32 gather_mm (no
-    quantized kernel involved). `sorted`: (P, N) in x_sorted's row order; `unsorted`: (T, top_k, N)."""
+    """float64 y = x @ dequant(W[e]).T computed with MLX dequantize and one float32 matmul per
+    expert (no quantized kernel, no gather kernel involved: MLX-CUDA 0.32.4's float32 gather_mm
+    on sorted indices gave wrong rows on the H100 once an expert had more than one row).
+    `sorted`: (P, N) in x_sorted's row order; `unsorted`: (T, top_k, N)."""
     w, s, b = case.weights(0)
     p = case.problem
     wd = mx.dequantize(w, s, b, group_size=p.group_size, bits=p.bits, mode=p.mode).astype(mx.float32)
-    y = mx.gather_mm(case.x_sorted.astype(mx.float32), wd.swapaxes(-1, -2), rhs_indices=case.idx_sorted,
-                     sorted_indices=True).reshape(case.rows, p.n)
+    xs = case.x_sorted.reshape(case.rows, p.k).astype(mx.float32)
+    idx = np.asarray(case.idx_sorted).reshape(-1)
+    if idx.size and np.any(np.diff(idx) < 0):
+        raise ValueError("case.idx_sorted is not sorted")
+    cuts = [0, *(np.flatnonzero(np.diff(idx)) + 1).tolist(), idx.size]
+    parts = [xs[a:e] @ wd[int(idx[a])].T for a, e in zip(cuts[:-1], cuts[1:]) if e > a]
+    y = mx.concatenate(parts, axis=0) if parts else mx.zeros((0, p.n), dtype=mx.float32)
     if layout == "unsorted":
         y = y[case.plan.inv_order].reshape(case.tokens, case.top_k, p.n)
     elif layout != "sorted":

@@ -227,3 +227,16 @@ def test_time_fn_against_known_duration():
     t = measure.time_fn(fn, iters=5, warmup=1)
     assert 3000 <= t.median_us < 9000
     assert t.p10_us <= t.median_us <= t.p90_us and t.iters == 5
+
+
+@pytest.mark.gpu
+def test_case_reference_on_gpu_matches_numpy():
+    """The tuner's large-problem reference on the GPU (several rows per expert: the case where
+    MLX-CUDA's float32 gather_mm went wrong) against the numpy reference."""
+    from mlx_moe_tune import formats
+
+    p = Problem(experts=16, k=512, n=256, rows=64, bits=4, group_size=64, dtype="bfloat16")
+    case = measure.prepare_case(p, m=4, top_k=4, seed=5)
+    w, s, b = case.weights(0)
+    ref = formats.reference_gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, group_size=64, bits=4)[:, 0, :]
+    np.testing.assert_allclose(measure.case_reference(case), ref, rtol=3e-3, atol=3e-3 * np.abs(ref).max())
