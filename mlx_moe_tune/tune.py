@@ -764,19 +764,22 @@ def _measure_choice(point: Point, kernel, config, cache: Cache, bench, iters: in
                   t.get("time_us_p90"), iters, t.get("gbps"), t.get("message", ""))
 
 
-def recheck(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench: Bench | None = None,
-            kernels: Sequence | None = None, iters: int = 30, router: str = "balanced", seed: int = 1,
-            log=None) -> list[dict]:
+def recheck(report: "TuneReport | Sequence", shapes: Sequence[Shape] | None = None, *, backend=None,
+            bench: Bench | None = None, kernels: Sequence | None = None, iters: int = 30, router: str = "balanced",
+            seed: int = 1, log=None) -> list[dict]:
     """Re-measure every table's chosen configs from scratch (fresh inputs: another seed, no
-    cache) and compare with the GB/s the table recorded. `ratio` = rerun / recorded."""
+    cache) and compare with the GB/s the table recorded. `ratio` = rerun / recorded.
+    `report`: a TuneReport or a list of tables.Table (e.g. the shipped ones: `check_tables`);
+    `shapes` default to the tables' own (top_k from the table's meta)."""
     from .backend import get_backend
 
     b = get_backend(backend)
     bench = bench or Bench(b.name)
-    by_shape = {(s.E, s.K, s.N): s for s in shapes}
+    tabs = list(report.tables if isinstance(report, TuneReport) else report)
+    by_shape = {(s.E, s.K, s.N): s for s in shapes or ()}
     rows = []
-    for t in report.tables:
-        shape = by_shape[(t.E, t.K, t.N)]
+    for t in tabs:
+        shape = by_shape.get((t.E, t.K, t.N)) or table_shape(t)
         for bk in t.buckets:
             point = Point(bench, shape.problem(bk.m), bk.m, shape.top_k, router, seed, b)
             r = _measure_choice(point, _kernel_for(bench, bk.family, kernels), bk.config, Cache(None), bench, iters)
@@ -788,6 +791,32 @@ def recheck(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench:
                 log(f"recheck E={t.E} K={t.K} N={t.N} m={bk.m} {bk.family} {r.config_id}: recorded "
                     f"{bk.gbps} GB/s, rerun {_r(r.gbps)} GB/s ({r.status})")
     return rows
+
+
+def table_shape(t) -> Shape:
+    """The Shape a table was tuned for (top_k from its meta; 8 if an old table lacks it)."""
+    return Shape(t.E, t.K, t.N, int((t.meta or {}).get("top_k") or 8), t.mode, t.bits, t.group_size, t.dtype)
+
+
+def check_tables(table_dir=None, *, backend=None, bench: Bench | None = None, iters: int = 30, seed: int = 1,
+                 log=None) -> list[dict]:
+    """Re-measure the tables this machine would use (user dir, $MLX_MOE_TUNE_TABLES, shipped; or
+    only `table_dir`) whose backend and device are this one's: does each bucket reproduce?"""
+    from . import tables as tb
+    from .backend import get_backend
+
+    b = get_backend(backend)
+    bench = bench or Bench(b.name)
+    dirs = [Path(table_dir)] if table_dir is not None else tb.table_dirs()
+    dev = bench.device_name()
+    mine = []
+    for d in dirs:
+        for t, why in tb.load_dir(d):
+            if t is not None and t.backend == b.name and t.device == dev:
+                mine.append(t)
+    if not mine:
+        raise ValueError(f"no tuning table for backend {b.name} on {dev} in {', '.join(map(str, dirs))}")
+    return recheck(mine, backend=b, bench=bench, iters=iters, seed=seed, log=log)
 
 
 def heuristic_gap(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench: Bench | None = None,
@@ -858,6 +887,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds: start no new m bucket after this (the tables keep what is done)")
     p.add_argument("--recheck", action="store_true", help="after tuning, re-measure the chosen configs from scratch")
+    p.add_argument("--check", action="store_true",
+                   help="tune nothing: re-measure the chosen configs of the tables this device uses (or of --table) "
+                   "and say which reproduce within 10%%")
     p.add_argument("--heuristic-gap", action="store_true",
                    help="after tuning, measure the untuned heuristic's choice on each shape held back")
     p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), tune-recheck.json, tune-gap.json")
@@ -897,6 +929,8 @@ def run(args) -> int:
     from .backend import get_backend
 
     b = get_backend(args.backend)
+    if args.check:
+        return _check_command(args, b)
     shapes = shapes_from_args(args)
     ms = sweep.parse_m(args.m)
     if args.router == "balanced":
@@ -950,6 +984,18 @@ def run(args) -> int:
             print(f"heuristic gap failed: {_one_line(e)}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
+
+
+def _check_command(args, b) -> int:
+    iters = args.iters or (3 if b.emulated else 30)
+    rows = check_tables(args.table, backend=b, iters=iters, seed=args.seed + 1,
+                        log=None if args.quiet else (lambda s: print(s, flush=True)))
+    ok = sum(r["within_10pct"] for r in rows)
+    print(f"check: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "tune-check.json").write_text(json.dumps(rows, indent=1))
+    return 0 if ok == len(rows) else 1
 
 
 def _write_csv(path: Path, rows: list[dict], extra: dict) -> None:

@@ -104,3 +104,10 @@ def test_cli_tune_then_op_uses_table(tmp_path, monkeypatch, capsys):
     p = Problem(experts=4, k=64, n=32, rows=8, m=2.0)
     want = data["buckets"][0]
     assert tables.lookup(p, "emulator-metal") == (want["family"], want["config"])
+    # --check re-measures the table's choice (emulated timings are noise: only statuses asserted)
+    code = cli.main(["tune", "--check", "--backend", "emulator-metal", "--iters", "1", "-q",
+                     "-o", str(tmp_path / "chk")])
+    assert code in (0, 1)
+    (row,) = json.loads((tmp_path / "chk" / "tune-check.json").read_text())
+    assert row["status"] == "ok" and row["m"] == 2 and row["config"] == tune.config_id(want["config"])
+    assert row["recorded_gbps"] == want["gbps"] and row["rerun_gbps"] > 0
