@@ -3,10 +3,13 @@
 GB/s always means: bytes a call must read from memory (for gather_qmm: the quantized weights,
 scales and biases of the *active* experts, each once) / median time of one call.
 
-Timing: warm up (first calls compile), then `iters` samples; each sample runs `batch` calls
-queued in one `mx.eval` between two `mx.synchronize()` and divides by `batch`, so MLX's host
-overhead (~7-8 us per launch on CUDA) overlaps with the GPU instead of being counted as kernel
-time. `batch` is picked so one sample lasts ~5 ms (the first H100 run used ~1 ms samples
+Timing: warm up (first calls compile), then `iters` samples; each sample builds `batch` calls'
+lazy graphs (Python, untimed: in a model that work overlaps the previous step's GPU work), then
+times one `mx.eval` of all of them between two `mx.synchronize()` and divides by `batch`, so
+MLX's host overhead (~7-8 us per launch on CUDA) overlaps with the GPU instead of being counted
+as kernel time. Timing the Python graph building too (as this module did before 2026-11-22)
+made small-kernel points host-bound on the H100: op-level GB/s 20-30% low and +-50% between
+runs (tuner recheck, sweeps/results/h100/tuner-v1/). `batch` is picked so one sample lasts ~5 ms (the first H100 run used ~1 ms samples
 and a batch cap of 16: its medians sat 5-15% above its p10 at small m, host jitter included). We report the median and the 10th/90th
 percentiles.
 
@@ -140,9 +143,9 @@ def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3,
     iters = int(max(min(iters, MIN_ITERS), min(iters, MAX_MEASURE_S // (single * batch))))
     samples = []
     for _ in range(iters):
+        outs = [fn() for _ in range(batch)]  # lazy: builds the graph only, no GPU work yet
         mx.synchronize()
         t0 = time.perf_counter()
-        outs = [fn() for _ in range(batch)]
         mx.eval(outs)
         mx.synchronize()
         samples.append((time.perf_counter() - t0) / batch * 1e6)

@@ -40,6 +40,7 @@ import numpy as np
 from .kernels.family import Problem, config_id
 
 DEFAULT_CONFIG_BUDGET = 64
+TIMER_VERSION = 2  # measure.time_fn: 2 = graph building outside the timed eval (2026-11-22)
 ETA = 3  # successive halving keeps the best 1/ETA of a rung
 # max |y - ref| / max |ref| a candidate may have: outputs are rounded to the activation dtype
 TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
@@ -226,6 +227,7 @@ class Search:
                  src=self.bench.kernel_version(cand.kernel))
         if iters is not None:
             k["iters"] = iters
+            k["timer"] = TIMER_VERSION  # timings taken with another timer are not reused
         return k
 
     def _fn(self, cand: Candidate):

@@ -10,7 +10,7 @@ mkdir -p "$OUT" "$TABLES"
 case "${1:-tune}" in
   tune)  # search every m bucket of both presets, then recheck the choices and the heuristic gap
     timeout "${LIMIT:-500}" python3 -m mlx_moe_tune.cli tune --preset $PRESETS --m 1..64x2 --backend cuda \
-      --table "$TABLES" --cache "$CACHE" -o "$OUT/tune" --deadline "${DEADLINE:-420}" --recheck --heuristic-gap \
+      --table "$TABLES" --cache "$CACHE" -o "$OUT/tune" --deadline "${DEADLINE:-420}" ${CHECKS---recheck --heuristic-gap} \
       > "$OUT/tune.log" 2>&1
     tar -C "$(dirname "$TABLES")" -czf "$OUT/tables.tgz" "$(basename "$TABLES")" ;;
   check)  # a separate process, fresh inputs: do the tables reproduce within 10%?
