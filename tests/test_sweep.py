@@ -259,4 +259,6 @@ def test_case_reference_on_gpu_matches_numpy():
     case = measure.prepare_case(p, m=4, top_k=4, seed=5)
     w, s, b = case.weights(0)
     ref = formats.reference_gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, group_size=64, bits=4)[:, 0, :]
-    np.testing.assert_allclose(measure.case_reference(case), ref, rtol=3e-3, atol=3e-3 * np.abs(ref).max())
+    # MLX-CUDA runs float32 matmuls in TF32 (10-bit mantissa): ~5e-3 of max on the H100 at K=512,
+    # well inside the tuner's bfloat16 tolerance (3e-2)
+    np.testing.assert_allclose(measure.case_reference(case), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())

@@ -14,10 +14,10 @@ case "${1:-tune}" in
       > "$OUT/tune.log" 2>&1
     tar -C "$(dirname "$TABLES")" -czf "$OUT/tables.tgz" "$(basename "$TABLES")" ;;
   check)  # a separate process, fresh inputs: do the tables reproduce within 10%?
-    MLX_MOE_TUNE_TABLES="$TABLES" python3 -m mlx_moe_tune.cli tune --check -o "$OUT/check" > "$OUT/check.log" 2>&1 ;;
+    MLX_MOE_TUNE_TABLES="$TABLES" timeout "${LIMIT:-300}" python3 -m mlx_moe_tune.cli tune --check -o "$OUT/check" > "$OUT/check.log" 2>&1 ;;
   graphs)  # the same points with MLX's CUDA graphs on (default) and off (strictly serial launches)
     for g in 1 0; do
-      MLX_USE_CUDA_GRAPHS=$g MLX_MOE_TUNE_TABLES="$TABLES" python3 -m mlx_moe_tune.cli sweep \
+      MLX_USE_CUDA_GRAPHS=$g MLX_MOE_TUNE_TABLES="$TABLES" timeout "${LIMIT:-150}" python3 -m mlx_moe_tune.cli sweep \
         --shape 128,2816,1408,8 --m 1,4,16,64 --kernels 'stock.gather_qmm,tuned.auto' --quiet \
         -o "$OUT/graphs$g.csv" > "$OUT/graphs$g.log" 2>&1
     done ;;
