@@ -96,17 +96,25 @@ _CHOICES: dict = {}
 
 
 def _choose(problem, backend, family, config, glu, sorted_layout, top_k):
-    """(family, config) for this call; memoized per problem, since tables.lookup walks the table
-    directories and this runs on every op call (the decode hot path)."""
+    """(family, config) for this call; see `_choice`."""
+    fam, cfg, _ = _choice(problem, backend, family, config, glu, sorted_layout, top_k)
+    return fam, cfg
+
+
+def _choice(problem, backend, family, config, glu, sorted_layout, top_k):
+    """(family, config, source) for this call, source "argument", "table" or "default";
+    memoized per problem, since tables.lookup walks the table directories and this runs on every
+    op call (the decode hot path)."""
     key = (problem, backend.name, family, None if config is None else
            (config if isinstance(config, str) else tuple(sorted(dict(config).items()))), glu, sorted_layout, top_k)
     hit = _CHOICES.get(key)
     if hit is None:
         hit = _CHOICES[key] = _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k)
-    return hit[0], dict(hit[1])
+    return hit[0], dict(hit[1]), hit[2]
 
 
 def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k):
+    source = "argument" if (family is not None or config is not None) else "default"
     if isinstance(config, str):
         config = parse_config_id(config)
     if family is None and config is not None:
@@ -125,6 +133,7 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
             hit = None
         if hit is not None and hit[1] is not None and (hit[0] != "qmv" or not glu):
             family, config = hit
+            source = "table"
             if glu and family == "qmm":
                 family = "qmm_glu"
         elif backend.dialect == "metal":  # Metal tiles have their own parameters
@@ -146,7 +155,7 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
     why = fam.check(problem, dict(config), backend)
     if why is not None:
         raise ValueError(f"invalid {family} config {dict(config)} for this problem: {why}")
-    return fam, dict(config)
+    return fam, dict(config), source
 
 
 def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
@@ -230,6 +239,17 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     return y.reshape(spec.out_shape)
 
 
+def describe(x, w, scales, biases, indices, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
+             sorted_indices: bool = False, config=None, family=None, backend=None, m=None) -> dict:
+    """What `gather_qmm` with these arguments runs, without running it: family, config id and
+    where the choice came from ("table" = a tuning table, "default", "argument")."""
+    from .kernels.family import config_id
+
+    sp = _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, config, family, backend, m)
+    return dict(family=sp.fam.name if sp.fam else None, config=config_id(sp.config) if sp.config else "",
+                source=sp.source)
+
+
 @dataclass(frozen=True)
 class _Spec:
     """Everything about a gather_qmm call that depends only on shapes, dtypes and arguments."""
@@ -241,6 +261,8 @@ class _Spec:
     x_rows: int
     materialize: bool  # x batch broadcasts another way: _layout per call
     out_shape: tuple
+    config: dict | None = None  # the tile chosen
+    source: str = ""  # "argument", "table" or "default"
 
 
 _SPECS: dict = {}
@@ -252,15 +274,15 @@ def _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices,
     out_shape = (*batch, 1, problem.n)
     materialize = tuple(indices.shape) != batch or (x_div == 1 and tuple(x.shape[:-2]) != batch)
     if problem.rows == 0:
-        return _Spec(problem, b, None, {}, 0, materialize, out_shape)
+        return _Spec(problem, b, None, {}, 0, materialize, out_shape, None, "empty")
     top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
-    fam, cfg = _choose(problem, b, family, config, False, sorted_indices, top_k)
+    fam, cfg, source = _choice(problem, b, family, config, False, sorted_indices, top_k)
     launch = fam.launch(problem, cfg, b)
     kwargs = dict(template=template_args(problem, cfg, x_div), grid=launch.grid, threadgroup=launch.threadgroup,
                   output_shapes=[(problem.rows, problem.n)])
     if launch.shared_memory and not b.emulated and b.dialect == "cuda":
         kwargs["shared_memory"] = launch.shared_memory
-    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape)
+    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source)
 
 
 FUSED_MIN_M = 24  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)

@@ -28,6 +28,7 @@ from mlx_moe_tune import plot, tables
 
 ROOT = Path.cwd().resolve().parent if Path.cwd().name == "notebooks" else Path.cwd().resolve()
 RESULTS = Path(os.environ.get("MLX_MOE_TUNE_RESULTS", ROOT / "sweeps" / "results" / "h100"))
+TUNE = RESULTS / "tune"  # the tuner run behind the shipped tables (tune.csv, rechecks, heuristic gap)
 print("results:", RESULTS)
 '''
 
@@ -128,8 +129,8 @@ table_df.round(2)
 '''
 
 LOAD_TUNE = '''\
-if (RESULTS / "tune.csv").exists():
-    cands = plot.load(RESULTS / "tune.csv")
+if (TUNE / "tune.csv").exists():
+    cands = plot.load(TUNE / "tune.csv")
 else:  # no tuner run committed: every (config, m) of the committed per-config sweeps
     cands = pd.concat([plot.load(f) for f in sorted(RESULTS.glob("*.csv"))], ignore_index=True)
     print("no tune.csv: using the committed sweeps' per-config rows")
@@ -172,20 +173,25 @@ plt.show()
 '''
 
 RECHECK = '''\
-recheck_path = RESULTS / "tune-recheck.json"
-if recheck_path.exists():
-    recheck = pd.DataFrame(json.loads(recheck_path.read_text()))
-    print(f"{int(recheck.within_10pct.sum())}/{len(recheck)} buckets reproduce their recorded GB/s within 10% "
-          f"(rerun / recorded: min {recheck.ratio.min():.3f}, median {recheck.ratio.median():.3f}, "
-          f"max {recheck.ratio.max():.3f})")
-    display(recheck[["K", "N", "m", "family", "config", "recorded_gbps", "rerun_gbps", "ratio",
-                     "within_10pct"]].round(3))
-else:
-    print(f"no rerun check committed ({recheck_path.name}): run `mlx-moe-tune tune ... --recheck -o DIR`")
+# tune-recheck.json: right after the tune, same process; tune-check.json: `mlx-moe-tune tune --check`
+# in a separate process on the tables as shipped
+reruns = []
+for name, what in (("tune-recheck.json", "same process"), ("tune-check.json", "separate process")):
+    path = TUNE / name
+    if not path.exists():
+        print(f"no rerun committed ({name}): run `mlx-moe-tune tune ... --recheck -o DIR` / `tune --check -o DIR`")
+        continue
+    r = pd.DataFrame(json.loads(path.read_text())).assign(run=what)
+    print(f"{what}: {int(r.within_10pct.sum())}/{len(r)} buckets reproduce their recorded GB/s within 10% "
+          f"(rerun / recorded: min {r.ratio.min():.3f}, median {r.ratio.median():.3f}, max {r.ratio.max():.3f})")
+    reruns.append(r)
+if reruns:
+    display(pd.concat(reruns)[["run", "K", "N", "m", "family", "config", "recorded_gbps", "rerun_gbps", "ratio",
+                               "within_10pct"]].round(3))
 '''
 
 GAP = '''\
-gap_path = RESULTS / "tune-gap.json"
+gap_path = TUNE / "tune-gap.json"
 if gap_path.exists():
     gap = pd.DataFrame(json.loads(gap_path.read_text()))
     for name in ("heuristic", "rule"):

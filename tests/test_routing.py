@@ -160,3 +160,14 @@ def test_stats_against_counter():
     assert R.stats(mx.array(idx), 16) == s
     with pytest.raises(ValueError, match="expert index out of range"):
         R.stats(idx, 4)
+
+
+@pytest.mark.parametrize("P,E", [(37, 8), (1 << 15, 600)])  # fused compare-count, then scatter-add
+def test_expert_offsets_match_numpy(P, E):
+    rng = np.random.default_rng(P)
+    ids = rng.integers(0, E, P).astype(np.int32)
+    ids[:3] = [-1, E, E + 5]  # out of range: counted in no expert
+    got = np.asarray(R.expert_offsets(mx.array(ids), E))
+    valid = ids[(ids >= 0) & (ids < E)]
+    want = np.concatenate([[0], np.cumsum(np.bincount(valid, minlength=E))])
+    np.testing.assert_array_equal(got, want)

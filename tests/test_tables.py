@@ -294,3 +294,45 @@ def test_rule_is_the_ops_default_when_valid(m):
     want = ops.default_choice(dataclasses.replace(p, m=float(m)), True)
     assert (c.family, c.config) == (want[0], dict(want[1]))
     assert c.source == "heuristic:rule"
+
+
+def test_shipped_h100_tables_cover_the_issue_shapes_with_valid_configs():
+    """gemma-26b-a4b (N=1408, 704) and qwen3-30b-a3b (gate/up, down), affine 4-bit gs64 bf16,
+    every m bucket 1..64, each chosen config valid for its family on a CUDA-dialect backend."""
+    from mlx_moe_tune.kernels import registry
+
+    shipped = [t for t, _ in tables.load_dir(tables.SHIPPED_DIR) if t is not None and t.backend == "cuda"]
+    got = {(t.E, t.K, t.N) for t in shipped if t.device == "NVIDIA H100 80GB HBM3"}
+    assert {(128, 2816, 1408), (128, 2816, 704), (128, 2048, 768), (128, 768, 2048)} <= got
+    for t in shipped:
+        assert (t.mode, t.bits, t.group_size, t.dtype) == ("affine", 4, 64, "bfloat16")
+        assert [b.m for b in t.buckets] == [1, 2, 4, 8, 16, 32, 64]
+        for b in t.buckets:
+            p = Problem(experts=t.E, k=t.K, n=t.N, rows=b.m * t.E, bits=4, group_size=64, dtype="bfloat16",
+                        m=float(b.m))
+            assert registry.get(b.family).check(p, b.config, EMULATOR_CUDA) is None, (t.filename, b)
+            assert b.speedup and b.speedup > 1 and b.stock_gbps
+
+
+@pytest.mark.gpu
+def test_op_picks_the_shipped_table_on_its_device(monkeypatch, tmp_path):
+    import mlx.core as mx
+    from mlx_moe_tune import ops
+    from mlx_moe_tune.backend import gpu_backend
+
+    monkeypatch.setenv("MLX_MOE_TUNE_TABLES", str(tmp_path / "no-user-tables"))
+    b = gpu_backend()
+    key = (128, 2816, 1408)
+    (t,) = [t for t, _ in tables.load_dir(tables.SHIPPED_DIR) if t is not None and (t.E, t.K, t.N) == key
+            and t.backend == b.name] or [None]
+    if t is None or t.device != tables.device_name(b.name):
+        pytest.skip(f"no shipped table for {tables.device_name(b.name)}")
+    w = mx.zeros((128, 1408, 2816 // 8), mx.uint32)
+    s = mx.zeros((128, 1408, 44), mx.bfloat16)
+    for m in (1, 16, 64):
+        T = m * 128 // 8
+        x = mx.zeros((T, 1, 1, 2816), mx.bfloat16)
+        idx = (mx.arange(T * 8, dtype=mx.int32) % 128).reshape(T, 8)
+        d = ops.describe(x, w, s, s, idx, group_size=64, bits=4, m=float(m))
+        bk = t.bucket(m)
+        assert d == dict(family=bk.family, config=bk.to_json()["config_id"], source="table")

@@ -111,3 +111,11 @@ def test_cli_tune_then_op_uses_table(tmp_path, monkeypatch, capsys):
     (row,) = json.loads((tmp_path / "chk" / "tune-check.json").read_text())
     assert row["status"] == "ok" and row["m"] == 2 and row["config"] == tune.config_id(want["config"])
     assert row["recorded_gbps"] == want["gbps"] and row["rerun_gbps"] > 0
+    from mlx_moe_tune import ops
+
+    # and the op says so: describe() (what the sweep's tuned.auto row records) names the table
+    wq, sq, bq = mx.quantize(mx.random.normal((4, 32, 64)).astype(mx.bfloat16), group_size=64, bits=4)
+    xs = mx.random.normal((8, 1, 64)).astype(mx.bfloat16)
+    d = ops.describe(xs, wq, sq, bq, mx.array([0, 0, 1, 1, 2, 2, 3, 3], mx.int32), group_size=64, bits=4,
+                     sorted_indices=True, backend="emulator-metal", m=2.0)
+    assert d == dict(family=want["family"], config=tune.config_id(want["config"]), source="table")

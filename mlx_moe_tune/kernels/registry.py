@@ -92,6 +92,17 @@ def _build(fam):
     return build
 
 
+def _auto_config(case):
+    """The op's own choice, as the sweep row's config: `family:CONFIG@source` (source: table or
+    default), so a sweep after a tune shows the tuned tile being picked."""
+    from .. import ops
+
+    w, s, b = case.weights(0)
+    d = ops.describe(case.x_sorted, w, s, b, case.idx_sorted, **case.quant, sorted_indices=True,
+                     backend=case.backend)
+    return [f"{d['family']}:{d['config']}@{d['source']}"]
+
+
 def _build_auto(case, config):
     from .. import ops
 
@@ -114,7 +125,7 @@ def _register_sweep() -> None:
         flops = (lambda case: 4.0 * case.rows * case.problem.k * case.problem.n) if fam.name == "qmm_glu" else None
         sweep.register(sweep.SweepKernel(f"tuned.{fam.name}", _configs(fam), _build(fam), check=_check(fam),
                                          nbytes=nbytes, flops=flops, family=fam))
-    sweep.register(sweep.SweepKernel("tuned.auto", lambda case: [None], _build_auto))
+    sweep.register(sweep.SweepKernel("tuned.auto", _auto_config, _build_auto))
 
 
 _register_sweep()
