@@ -153,17 +153,21 @@ def plan(indices: mx.array, experts: int | None = None) -> Plan:
     # a composite key makes the sort stable; int64 only when expert*P would overflow int32
     key = flat * P + pair if experts * max(P, 1) < 2**31 else flat.astype(mx.int64) * P + pair
     order = mx.argsort(key).astype(mx.int32)
-    offsets = expert_offsets(flat, experts)
+    # scatter-add counts here: the fused compare-and-count of expert_offsets was no faster inside
+    # the whole op on the H100 (sweeps/results/h100/op-overhead/: op 224 vs 190 us at m=1, 208 vs
+    # 201 at m=4, 240 vs 230 at m=16, 407 vs 417 at m=64); the argsort dominates the plan
+    offsets = expert_offsets(flat, experts, fused=False)
     inv_order = mx.zeros((P,), mx.int32).at[order].add(pair)
     return Plan(order, flat[order], offsets, inv_order, experts, top_k)
 
 
-def expert_offsets(flat: mx.array, experts: int) -> mx.array:
+def expert_offsets(flat: mx.array, experts: int, fused: bool | None = None) -> mx.array:
     """(E+1,) int32: offsets[e] = number of pairs whose expert id is < e (ids outside [0, E) are
-    not counted in any expert). Small problems use one fused compare-and-count reduction: the
-    scatter-add MLX lowers `.at[].add` to costs tens of microseconds on the H100's CUDA backend."""
+    not counted in any expert). `fused` (default: when P*(E+1) <= 2^24) uses one compare-and-count
+    reduction instead of a scatter-add and a cumsum: for the sorted layout, where it is the whole
+    plan, the scatter-add cost tens of microseconds on the H100's CUDA backend."""
     P = flat.size
-    if P * (experts + 1) <= 1 << 24:
+    if fused if fused is not None else P * (experts + 1) <= 1 << 24:
         bounds = mx.arange(experts + 1, dtype=mx.int32)
         below = (flat[None, :] < bounds[:, None]) & (flat[None, :] >= 0)
         return below.astype(mx.int32).sum(axis=1).astype(mx.int32)

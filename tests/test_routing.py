@@ -162,12 +162,12 @@ def test_stats_against_counter():
         R.stats(idx, 4)
 
 
-@pytest.mark.parametrize("P,E", [(37, 8), (1 << 15, 600)])  # fused compare-count, then scatter-add
-def test_expert_offsets_match_numpy(P, E):
+@pytest.mark.parametrize("P,E,fused", [(37, 8, None), (37, 8, False), (1 << 15, 600, None), (300, 9, True)])
+def test_expert_offsets_match_numpy(P, E, fused):
     rng = np.random.default_rng(P)
     ids = rng.integers(0, E, P).astype(np.int32)
     ids[:3] = [-1, E, E + 5]  # out of range: counted in no expert
-    got = np.asarray(R.expert_offsets(mx.array(ids), E))
+    got = np.asarray(R.expert_offsets(mx.array(ids), E, fused=fused))
     valid = ids[(ids >= 0) & (ids < E)]
     want = np.concatenate([[0], np.cumsum(np.bincount(valid, minlength=E))])
     np.testing.assert_array_equal(got, want)

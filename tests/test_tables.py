@@ -318,10 +318,10 @@ def test_shipped_h100_tables_cover_the_issue_shapes_with_valid_configs():
 def test_op_picks_the_shipped_table_on_its_device(monkeypatch, tmp_path):
     import mlx.core as mx
     from mlx_moe_tune import ops
-    from mlx_moe_tune.backend import gpu_backend
+    from mlx_moe_tune.backend import get_backend, gpu_backend
 
     monkeypatch.setenv("MLX_MOE_TUNE_TABLES", str(tmp_path / "no-user-tables"))
-    b = gpu_backend()
+    b = get_backend(gpu_backend())
     key = (128, 2816, 1408)
     (t,) = [t for t, _ in tables.load_dir(tables.SHIPPED_DIR) if t is not None and (t.E, t.K, t.N) == key
             and t.backend == b.name] or [None]

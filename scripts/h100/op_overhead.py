@@ -5,11 +5,11 @@ floor of a custom kernel, and decode chains. Writes OUT/op-overhead.csv and .jso
 
 Rows (gemma-26b-a4b gate_up: E=128, K=2816, N=1408, top-8, 4-bit gs64, bf16, balanced routing,
 mlx-lm's unsorted layout x (T, 1, 1, K), indices (T, 8)), per m:
-  plan.scatter   the routing plan as it was (argsort + scatter-add counts), alone
-  plan.count     the routing plan now (argsort + fused compare-and-count offsets), alone
+  plan.scatter   the routing plan with scatter-add counts (argsort + .at[].add + cumsum), alone
+  plan.count     the routing plan with fused compare-and-count offsets (argsort + one reduction)
   kernel         the op with its plan precomputed (the kernel alone, as the tuner times it)
-  op.scatter     the op end to end with the old plan inside
-  op.count       the op end to end (mlx_moe_tune.gather_qmm as users call it)
+  op.scatter     the op end to end with the scatter plan inside (what routing.plan does)
+  op.count       the op end to end with the compare-and-count plan inside
   stock          mx.gather_qmm on the same unsorted inputs
 Decode (T=1): 32 dependent calls per eval (each call's x is the previous call's output), for the
 op and stock, and a floor: 32 dependent launches of a trivial custom kernel.
@@ -33,14 +33,20 @@ E, K, N, TOP_K = (16, 256, 128, 8) if os.environ.get("SMOKE") else (128, 2816, 1
 Q = dict(group_size=64, bits=4)
 
 
-def old_plan(indices, experts):
+def _plan(indices, experts, fused):
     flat = indices.reshape(-1).astype(mx.int32)
     P = flat.size
     pair = mx.arange(P, dtype=mx.int32)
     order = mx.argsort(flat * P + pair).astype(mx.int32)
-    counts = mx.zeros((experts,), mx.int32).at[flat].add(mx.ones((P,), mx.int32))
-    offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts)])
-    return Plan(order, offsets, experts, P)
+    return Plan(order, routing.expert_offsets(flat, experts, fused=fused), experts, P)
+
+
+def scatter_plan(indices, experts):
+    return _plan(indices, experts, False)
+
+
+def count_plan(indices, experts):
+    return _plan(indices, experts, True)
 
 
 def main(out: Path) -> None:
@@ -59,8 +65,8 @@ def main(out: Path) -> None:
         nxt = case.rotation()
         fixed = make_plan(idx, E)
         mx.eval(fixed.order, fixed.offsets)
-        rec("plan.scatter", m, measure.time_fn(lambda: old_plan(idx, E).offsets + old_plan(idx, E).order[:1]))
-        rec("plan.count", m, measure.time_fn(lambda: (lambda q: q.offsets + q.order[:1])(routing.plan(idx, E))))
+        for name, planner in (("plan.scatter", scatter_plan), ("plan.count", count_plan)):
+            rec(name, m, measure.time_fn(lambda: (lambda q: q.offsets + q.order[:1])(planner(idx, E))))
 
         def call(plan=None, planner=None):
             def fn():
@@ -70,8 +76,8 @@ def main(out: Path) -> None:
             return fn
 
         rec("kernel", m, measure.time_fn(call(plan=fixed)))
-        rec("op.scatter", m, measure.time_fn(call(planner=old_plan)))
-        rec("op.count", m, measure.time_fn(call()))
+        rec("op.scatter", m, measure.time_fn(call(planner=scatter_plan)))
+        rec("op.count", m, measure.time_fn(call(planner=count_plan)))
         rec("stock", m, measure.time_fn(
             lambda: (lambda w, s, b: mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, **Q))(*nxt())))
         print(ops.describe(x, *case.weights(0), idx, **Q), flush=True)
