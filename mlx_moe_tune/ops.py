@@ -231,7 +231,7 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
         inputs = [x2, w, cast(scales), cast(biases), flat]
     else:
         if plan is None:
-            plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices)
+            plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices, backend=spec.backend)
         else:
             plan = as_plan(plan, spec.problem.experts, spec.problem.rows)
         inputs = [x2, w, cast(scales), cast(biases), plan.order, plan.offsets]
@@ -309,7 +309,7 @@ def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_u
         return mx.zeros((*batch, 1, N), dtype=x.dtype)
     if config is None and problem.rows_per_expert < FUSED_MIN_M:
         if plan is None:
-            plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+            plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices, backend=b)
         kw = dict(group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices, plan=plan,
                   backend=backend, validate=False, m=m)
         g = gather_qmm(x, w_gate, scales_gate, biases_gate, indices, **kw)
@@ -319,7 +319,7 @@ def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_u
     fam, cfg = _choose(problem, b, "qmm_glu" if config is not None else None, config, True,
                        sorted_indices, top_k)
     if plan is None:
-        plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices)
+        plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices, backend=b)
     else:
         plan = as_plan(plan, problem.experts, problem.rows)
     y = _run(fam, problem, cfg, b, [x2, w_gate, cast(scales_gate), cast(biases_gate), w_up,

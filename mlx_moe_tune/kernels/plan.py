@@ -1,9 +1,13 @@
 """The routing plan the reuse kernels consume: pairs sorted by expert, and per-expert offsets.
 
-Unsorted indices go through `mlx_moe_tune.routing.plan` (H-formats; stable sort, MLX ops, no
-host sync). Indices that are already grouped by expert (mlx-lm's sorted layout) skip the sort:
-the order is the identity and only the per-expert offsets are computed. Any object with
-`order` (P,) and `offsets` (E+1,) int32 arrays (e.g. a `routing.Plan`) can be passed to the op.
+Unsorted indices on a GPU go through the one-launch counting-sort kernel (`PLAN`: cuda/plan.cu,
+metal/plan.metal): MLX's argsort + scatter-add + cumsum cost 50-110 us per call on the H100,
+next to a 140-315 us kernel (sweeps/results/h100/op-overhead/). Its order within an expert is
+arbitrary, which the kernels' output does not depend on. Elsewhere, or past its limits,
+`mlx_moe_tune.routing.plan` (stable argsort, MLX ops, no host sync). Indices that are already
+grouped by expert (mlx-lm's sorted layout) skip the sort: the order is the identity and only the
+per-expert offsets are computed. Any object with `order` (P,) and `offsets` (E+1,) int32 arrays
+(e.g. a `routing.Plan`) can be passed to the op.
 """
 from __future__ import annotations
 
@@ -12,6 +16,64 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .. import routing
+from ..backend import Backend, get_backend
+from .family import DialectSource, KernelFamily, Launch
+
+PLAN_THREADS = 1024
+PLAN_MAX_EXPERTS = 4096  # E+1 int counters in shared / threadgroup memory (16 KB)
+PLAN_MAX_PAIRS = 1 << 20  # one block walks every pair: past this, argsort's many blocks win
+
+
+def _plan_check(problem, config, backend: Backend) -> str | None:
+    if not 1 <= problem.experts <= PLAN_MAX_EXPERTS:
+        return f"the plan kernel takes 1..{PLAN_MAX_EXPERTS} experts (got {problem.experts})"
+    if not 0 < problem.rows <= PLAN_MAX_PAIRS:
+        return f"the plan kernel takes 1..{PLAN_MAX_PAIRS} pairs (got {problem.rows})"
+    if config["NT"] > backend.max_threads or config["NT"] % 32:
+        return f"NT={config['NT']} must be a multiple of 32 and <= {backend.max_threads}"
+    return None
+
+
+PLAN = KernelFamily(
+    name="plan",
+    input_names=("idx",),
+    output_names=("order", "offsets"),
+    sources={"cuda": DialectSource("cuda/plan.cu"), "metal": DialectSource("metal/plan.metal")},
+    space={"cuda": {"NT": (PLAN_THREADS,)}, "metal": {"NT": (PLAN_THREADS,)}},
+    check=_plan_check,
+    launch=lambda problem, config, backend: Launch((config["NT"], 1, 1), (config["NT"], 1, 1)),
+    template=lambda problem, config: [("E", int(problem.experts))],
+)
+
+
+def kernel_plan(flat: mx.array, experts: int, backend: Backend | str | None = None) -> "Plan":
+    """The one-launch plan of int32 ids `flat` (P,) on `backend` (a GPU or the emulator)."""
+    from .family import Problem
+
+    b = get_backend(backend)
+    P = int(flat.size)
+    problem = Problem(experts=int(experts), k=1, n=1, rows=P)
+    config = {"NT": min(PLAN_THREADS, b.max_threads)}
+    why = _plan_check(problem, config, b)
+    if why is not None:
+        raise ValueError(why)
+    launch = PLAN.launch(problem, config, b)
+    order, offsets = PLAN.kernel(b)(inputs=[flat.astype(mx.int32)], template=PLAN.template(problem, config),
+                                    grid=launch.grid, threadgroup=launch.threadgroup,
+                                    output_shapes=[(P,), (experts + 1,)], output_dtypes=[mx.int32, mx.int32])
+    return Plan(order, offsets, int(experts), P)
+
+
+def _use_kernel(P: int, experts: int, backend) -> Backend | None:
+    """The backend to run the plan kernel on, or None for MLX ops: real GPUs only by default
+    (on the emulator a kernel costs a compile; pass kernel=True there, as the tests do)."""
+    try:
+        b = get_backend(backend)
+    except (ValueError, RuntimeError):
+        return None
+    if b.emulated or not (0 < P <= PLAN_MAX_PAIRS and experts <= PLAN_MAX_EXPERTS):
+        return None
+    return b
 
 
 @dataclass(frozen=True)
@@ -22,10 +84,14 @@ class Plan:
     pairs: int
 
 
-def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False) -> Plan:
-    """Plan for the flattened `indices` (any shape; pair p = flat position p)."""
+def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False,
+              backend: Backend | str | None = None, kernel: bool | None = None) -> Plan:
+    """Plan for the flattened `indices` (any shape; pair p = flat position p). `kernel`: use the
+    one-launch plan kernel (default: on a real GPU, within its limits) or MLX's argsort."""
     flat = indices.reshape(-1).astype(mx.int32)
     if not sorted_indices:
+        if kernel or (kernel is None and _use_kernel(flat.size, experts, backend) is not None):
+            return kernel_plan(flat, experts, backend)
         p = routing.plan(flat, experts)
         return Plan(p.order, p.offsets, experts, flat.size)
     P = flat.size

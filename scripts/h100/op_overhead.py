@@ -8,8 +8,10 @@ mlx-lm's unsorted layout x (T, 1, 1, K), indices (T, 8)), per m:
   plan.scatter   the routing plan with scatter-add counts (argsort + .at[].add + cumsum), alone
   plan.count     the routing plan with fused compare-and-count offsets (argsort + one reduction)
   kernel         the op with its plan precomputed (the kernel alone, as the tuner times it)
+  plan.kernel    the one-launch plan kernel (cuda/plan.cu), alone
   op.scatter     the op end to end with the scatter plan inside (what routing.plan does)
   op.count       the op end to end with the compare-and-count plan inside
+  op.kernel      the op end to end with the plan kernel inside (the op's default on a GPU)
   stock          mx.gather_qmm on the same unsorted inputs
 Decode (T=1): 32 dependent calls per eval (each call's x is the previous call's output), for the
 op and stock, and a floor: 32 dependent launches of a trivial custom kernel.
@@ -49,6 +51,10 @@ def count_plan(indices, experts):
     return _plan(indices, experts, True)
 
 
+def kern_plan(indices, experts):
+    return make_plan(indices, experts, kernel=True)
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -63,9 +69,9 @@ def main(out: Path) -> None:
         case = measure.prepare_case(p, m=m, top_k=TOP_K)
         x, idx = case.x_unsorted, case.idx_unsorted
         nxt = case.rotation()
-        fixed = make_plan(idx, E)
+        fixed = make_plan(idx, E, kernel=False)
         mx.eval(fixed.order, fixed.offsets)
-        for name, planner in (("plan.scatter", scatter_plan), ("plan.count", count_plan)):
+        for name, planner in (("plan.scatter", scatter_plan), ("plan.count", count_plan), ("plan.kernel", kern_plan)):
             rec(name, m, measure.time_fn(lambda: (lambda q: q.offsets + q.order[:1])(planner(idx, E))))
 
         def call(plan=None, planner=None):
@@ -78,6 +84,7 @@ def main(out: Path) -> None:
         rec("kernel", m, measure.time_fn(call(plan=fixed)))
         rec("op.scatter", m, measure.time_fn(call(planner=scatter_plan)))
         rec("op.count", m, measure.time_fn(call(planner=count_plan)))
+        rec("op.kernel", m, measure.time_fn(call(planner=kern_plan)))
         rec("stock", m, measure.time_fn(
             lambda: (lambda w, s, b: mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, **Q))(*nxt())))
         print(ops.describe(x, *case.weights(0), idx, **Q), flush=True)
