@@ -92,31 +92,22 @@ def _launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
     return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
 
 
-QMM = KernelFamily(
-    name="qmm",
-    input_names=("x", "w", "scales", "biases", "order", "offsets"),
-    output_names=("y",),
-    sources={
-        "cuda": DialectSource("cuda/qmm.cu", _HEADERS),
-        "metal": DialectSource("metal/qmm.metal", ("metal/mmt_gather.h",)),
-    },
-    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
-    check=lambda p, c, b: _check(p, c, b, glu=False),
-    launch=_launch,
-    template=lambda problem, config: template_args(problem, config),
-)
+def _family(name: str, weight_inputs: tuple[str, ...], glu: bool) -> KernelFamily:
+    """qmm and qmm_glu differ only in their weight inputs and the epilogue (the source)."""
+    return KernelFamily(
+        name=name,
+        input_names=("x", *weight_inputs, "order", "offsets"),
+        output_names=("y",),
+        sources={
+            "cuda": DialectSource(f"cuda/{name}.cu", _HEADERS),
+            "metal": DialectSource(f"metal/{name}.metal", ("metal/mmt_gather.h",)),
+        },
+        space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
+        check=lambda p, c, b: _check(p, c, b, glu=glu),
+        launch=_launch,
+        template=lambda problem, config: template_args(problem, config),
+    )
 
-QMM_GLU = KernelFamily(
-    name="qmm_glu",
-    input_names=("x", "w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up",
-                 "order", "offsets"),
-    output_names=("y",),
-    sources={
-        "cuda": DialectSource("cuda/qmm_glu.cu", _HEADERS),
-        "metal": DialectSource("metal/qmm_glu.metal", ("metal/mmt_gather.h",)),
-    },
-    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
-    check=lambda p, c, b: _check(p, c, b, glu=True),
-    launch=_launch,
-    template=lambda problem, config: template_args(problem, config),
-)
+
+QMM = _family("qmm", ("w", "scales", "biases"), glu=False)
+QMM_GLU = _family("qmm_glu", ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up"), glu=True)
