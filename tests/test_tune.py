@@ -229,7 +229,29 @@ def test_config_budget_samples_and_halves(tmp_path):
     assert sorted(set(per_bucket)) == [1, 3, 9]
     n0 = per_bucket.count(1) // 2
     assert per_bucket.count(3) // 2 == math.ceil(n0 / 3)
-    assert per_bucket.count(9) // 2 == math.ceil(math.ceil(n0 / 3) / 3)
+    last = math.ceil(math.ceil(n0 / 3) / 3)  # timed at full iterations by the halving
+    # ... then the best FINALISTS are re-timed FINAL_ROUNDS times each (interleaved)
+    assert per_bucket.count(9) // 2 == last + min(tune.FINALISTS, last) * tune.FINAL_ROUNDS
+
+
+def test_final_rounds_overrule_a_lucky_timing(tmp_path):
+    """Config R=2's first timing is a lucky outlier (0.3x); the interleaved re-timings of the
+    finalists expose it, and R=1 (really the fastest) wins with the median of its timings."""
+    class Lucky(FakeBench):
+        seen = set()
+
+        def time(self, fn, iters):
+            t = super().time(fn, iters)
+            if fn.cost == 2.0 and 2.0 not in self.seen:
+                self.seen.add(2.0)
+                return (0.6, 0.5, 0.7)
+            return t
+
+    rep, bench = run(tmp_path, [FakeKernel(rs=(1, 2, 5), planted=False)], bench=Lucky(), ms=(1,))
+    (br,) = rep.buckets[(4, 128, 32)]
+    assert br.best.config == {"R": 2 - 1} and br.best.rounds == 1 + tune.FINAL_ROUNDS
+    r2 = next(r for r in br.results if r.config == {"R": 2})
+    assert r2.time_us == 2.0 and r2.time_us_p10 == 0.6  # median of [0.6, 2, 2]; the spread kept
 
 
 def test_halving_survives_noisy_cheap_rung(tmp_path):
