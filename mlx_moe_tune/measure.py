@@ -153,6 +153,25 @@ def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3,
     return Timing(statistics.median(samples), _pct(samples, 10), _pct(samples, 90), iters, batch, samples)
 
 
+def decode_chain(case: "Case", f: Callable, calls: int = 32) -> Callable[[], mx.array]:
+    """A decode-step benchmark: `calls` dependent calls y = f(y, w, s, b, idx) of one token
+    routed to case.top_k random experts, each call's x the previous call's output (so no two
+    overlap) and each on the next weight copy. Time it with `time_fn`, divide by `calls`."""
+    E, K, k = case.problem.experts, case.problem.k, case.top_k
+    nxt = case.rotation()
+    idx = [mx.array(np.random.default_rng(i).choice(E, k, replace=False).astype(np.int32).reshape(1, k))
+           for i in range(calls)]
+
+    def fn():
+        y = mx.random.normal((1, 1, 1, K), key=mx.random.key(0)).astype(case.dtype) * 0.01
+        for i in range(calls):
+            w, s, b = nxt()
+            y = f(y, w, s, b, idx[i]).reshape(-1)[:K].reshape(1, 1, 1, K)
+        return y
+
+    return fn
+
+
 # --- routing -------------------------------------------------------------------------------
 
 

@@ -262,3 +262,17 @@ def test_case_reference_on_gpu_matches_numpy():
     # MLX-CUDA runs float32 matmuls in TF32 (10-bit mantissa): ~5e-3 of max on the H100 at K=512,
     # well inside the tuner's bfloat16 tolerance (3e-2)
     np.testing.assert_allclose(measure.case_reference(case), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_decode_chain_feeds_each_call_the_previous_output():
+    case = _case(m=1, E=8, top_k=2)
+    seen = []
+
+    def f(y, w, s, b, idx):
+        seen.append((tuple(idx.shape), int(np.unique(np.asarray(idx)).size)))
+        return y + 1.0
+
+    y = measure.decode_chain(case, f, calls=5)()
+    assert seen == [((1, 2), 2)] * 5  # one token, top_k distinct experts per call
+    y0 = mx.random.normal((1, 1, 1, case.problem.k), key=mx.random.key(0)).astype(case.dtype) * 0.01
+    np.testing.assert_allclose(np.asarray(y - y0), 5.0, atol=0.05)

@@ -46,14 +46,17 @@ PLAN = KernelFamily(
 )
 
 
-def kernel_plan(flat: mx.array, experts: int, backend: Backend | str | None = None) -> "Plan":
-    """The one-launch plan of int32 ids `flat` (P,) on `backend` (a GPU or the emulator)."""
+def _plan_problem(P: int, experts: int, b: Backend):
     from .family import Problem
 
+    return Problem(experts=int(experts), k=1, n=1, rows=int(P)), {"NT": min(PLAN_THREADS, b.max_threads)}
+
+
+def kernel_plan(flat: mx.array, experts: int, backend: Backend | str | None = None) -> "Plan":
+    """The one-launch plan of int32 ids `flat` (P,) on `backend` (a GPU or the emulator)."""
     b = get_backend(backend)
     P = int(flat.size)
-    problem = Problem(experts=int(experts), k=1, n=1, rows=P)
-    config = {"NT": min(PLAN_THREADS, b.max_threads)}
+    problem, config = _plan_problem(P, experts, b)
     why = _plan_check(problem, config, b)
     if why is not None:
         raise ValueError(why)
@@ -64,16 +67,14 @@ def kernel_plan(flat: mx.array, experts: int, backend: Backend | str | None = No
     return Plan(order, offsets, int(experts), P)
 
 
-def _use_kernel(P: int, experts: int, backend) -> Backend | None:
-    """The backend to run the plan kernel on, or None for MLX ops: real GPUs only by default
-    (on the emulator a kernel costs a compile; pass kernel=True there, as the tests do)."""
+def _use_kernel(P: int, experts: int, backend) -> bool:
+    """Whether the op runs the plan kernel: on real GPUs within its limits (`_plan_check`); on the
+    emulator a kernel costs a compile, so only when asked (kernel=True, as the tests do)."""
     try:
         b = get_backend(backend)
     except (ValueError, RuntimeError):
-        return None
-    if b.emulated or not (0 < P <= PLAN_MAX_PAIRS and experts <= PLAN_MAX_EXPERTS):
-        return None
-    return b
+        return False
+    return not b.emulated and _plan_check(*_plan_problem(P, experts, b), b) is None
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False,
     one-launch plan kernel (default: on a real GPU, within its limits) or MLX's argsort."""
     flat = indices.reshape(-1).astype(mx.int32)
     if not sorted_indices:
-        if kernel or (kernel is None and _use_kernel(flat.size, experts, backend) is not None):
+        if kernel or (kernel is None and _use_kernel(flat.size, experts, backend)):
             return kernel_plan(flat, experts, backend)
         p = routing.plan(flat, experts)
         return Plan(p.order, p.offsets, experts, flat.size)

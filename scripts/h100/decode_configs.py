@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_moe_tune import measure, ops
 from mlx_moe_tune.kernels.family import Problem, config_id
@@ -35,22 +34,10 @@ def main(out: Path) -> None:
     for E, K, N in shapes:
         p = Problem(experts=E, k=K, n=N, rows=TOP_K, bits=4, group_size=64, dtype="bfloat16", m=1.0)
         case = measure.prepare_case(p, m=1, top_k=TOP_K)
-        nxt = case.rotation()
-        idx = [mx.array(np.random.default_rng(i).choice(E, TOP_K, replace=False).astype(np.int32).reshape(1, TOP_K))
-               for i in range(CHAIN)]
-
-        def chain(f):
-            def fn():
-                y = mx.random.normal((1, 1, 1, K), key=mx.random.key(0)).astype(mx.bfloat16) * 0.01
-                for i in range(CHAIN):
-                    w, s, bb = nxt()
-                    y = f(y, w, s, bb, idx[i]).reshape(-1)[:K].reshape(1, 1, 1, K)
-                return y
-            return fn
 
         def record(name, config, f):
             try:
-                t = measure.time_fn(chain(f))
+                t = measure.time_fn(measure.decode_chain(case, f, CHAIN))
                 r = dict(E=E, K=K, N=N, kernel=name, config=config, time_us=t.median_us / CHAIN,
                          time_us_p10=t.p10_us / CHAIN, time_us_p90=t.p90_us / CHAIN, status="ok")
             except Exception as e:  # noqa: BLE001 (recorded, the sweep goes on)
@@ -58,7 +45,7 @@ def main(out: Path) -> None:
             rows.append(r)
             print(r, flush=True)
 
-        d = ops.describe(mx.zeros((1, 1, 1, K), mx.bfloat16), *case.weights(0), idx[0], **Q)
+        d = ops.describe(mx.zeros((1, 1, 1, K), mx.bfloat16), *case.weights(0), mx.zeros((1, TOP_K), mx.int32), **Q)
         record("op", f"{d['family']}:{d['config']}@{d['source']}",
                lambda y, w, s, bb, i: ops.gather_qmm(y, w, s, bb, i, **Q, validate=False))
         for c in QMV.valid_configs(p, b):

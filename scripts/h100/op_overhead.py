@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_moe_tune import measure, ops, routing
 from mlx_moe_tune.kernels.family import Problem
@@ -92,21 +91,9 @@ def main(out: Path) -> None:
 
     # decode chains: T=1, each call's input is the previous call's output
     case = measure.prepare_case(p, m=1, top_k=TOP_K)
-    nxt = case.rotation()
-    idx_dec = [mx.array(np.random.default_rng(i).choice(E, TOP_K, replace=False).astype(np.int32).reshape(1, TOP_K))
-               for i in range(32)]
 
-    def chain(f):
-        def fn():
-            y = mx.random.normal((1, 1, 1, K), key=mx.random.key(0)).astype(mx.bfloat16) * 0.01
-            for i in range(32):
-                w, s, b = nxt()
-                y = f(y, w, s, b, idx_dec[i]).reshape(-1)[:K].reshape(1, 1, 1, K)
-            return y
-        return fn
-
-    rec("decode.op", 1, measure.time_fn(chain(lambda y, w, s, b, i: ops.gather_qmm(y, w, s, b, i, **Q, validate=False))), 32)
-    rec("decode.stock", 1, measure.time_fn(chain(
+    rec("decode.op", 1, measure.time_fn(measure.decode_chain(case, lambda y, w, s, b, i: ops.gather_qmm(y, w, s, b, i, **Q, validate=False))), 32)
+    rec("decode.stock", 1, measure.time_fn(measure.decode_chain(case,
         lambda y, w, s, b, i: mx.gather_qmm(y, w, s, b, rhs_indices=i, transpose=True, **Q))), 32)
     if not mx.cuda.is_available():
         print("no CUDA: no launch floor")
