@@ -126,7 +126,7 @@ __device__ inline void dequant_word(uint32_t wq, uint32_t s2, uint32_t b2, float
   if constexpr (BITS <= Tr::kMantissa) {
 #pragma unroll
     for (int i = 0; i < NP; i++) {
-      const uint32_t u = ((wq >> (BITS * i)) & MASK) | Tr::kMagic;
+      const uint32_t u = and_or<MASK, Tr::kMagic>(wq >> (BITS * i));
       out[i] = Tr::fma(Tr::sub(u, Tr::kMagic), s2, b2);
     }
   } else {  // 8-bit with bf16: float magic 2^23 + q, fma in float, round once to T
@@ -144,10 +144,8 @@ __device__ inline void dequant_word(uint32_t wq, uint32_t s2, uint32_t b2, float
 template <int VPW>
 __device__ inline void x_pairs(const uint32_t (&X)[VPW / 2], uint32_t (&out)[VPW / 2]) {
 #pragma unroll
-  for (int i = 0; i < VPW / 2; i++) {
-    const uint32_t a = X[i >> 1], b = X[(i >> 1) + VPW / 4];
-    out[i] = (i & 1) ? ((a >> 16) | (b & 0xffff0000u)) : ((a & 0xffffu) | (b << 16));
-  }
+  for (int i = 0; i < VPW / 2; i++)  // one PRMT: the low (even i) or high halves of a and b
+    out[i] = __byte_perm(X[i >> 1], X[(i >> 1) + VPW / 4], (i & 1) ? 0x7632u : 0x5410u);
 }
 
 // One weight set of one warp tile: W rows of an expert, its scales/biases, rows in range.
@@ -309,22 +307,46 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
   // Register double buffer of KU k blocks: the next step's loads are in flight while this one
   // computes. With WK == 1 a step's KU blocks are adjacent, so each W row is read in KU*64-byte
   // runs (KU = 2: whole 128-byte lines) and KU times more bytes are in flight per warp.
-  Chunk cur[KU], nxt[KU];
+  // PP: the step loop is unrolled twice so the two buffers swap roles by name; otherwise a
+  // `cur = nxt` copy costs ~40 register moves per step, each waiting for its load (H100 qmv SASS:
+  // 14% IMAD.MOV). H100 A/B of and_or + byte_perm + this unroll against the previous build
+  // (sweeps/results/h100/ab/ab-pingpong.csv, gemma N=1408, interleaved rounds): faster for the
+  // register-x path with KU = 1 (qmv +3..4%, BM8 FN1 +20% at m=2) and the shared-x path up to
+  // CG * FN = 8 (BM32 FN2 +1..12%); slower for the register-x path with KU = 2 (-3..-8%) and
+  // BM64 FN2 (-17%, register pressure): those keep the copy.
+  constexpr bool PP = XS ? CG * FN <= 8 : KU == 1;
+  Chunk buf[2][KU];
   auto load_step = [&](int base, Chunk (&c)[KU]) {
 #pragma unroll
     for (int u = 0; u < KU; u++)
       if (base + u * WK < Q::NKB) load(base + u * WK, c[u]);
   };
-  if constexpr (!XS) {
-    int base = wk;
-    if (base < Q::NKB) load_step(base, nxt);
-    for (; base < Q::NKB; base += WK * KU) {
+  auto compute_step = [&](int base, const Chunk (&c)[KU]) {
 #pragma unroll
-      for (int u = 0; u < KU; u++) cur[u] = nxt[u];
-      if (base + WK * KU < Q::NKB) load_step(base + WK * KU, nxt);
+    for (int u = 0; u < KU; u++)
+      if (base + u * WK < Q::NKB) compute(base + u * WK, c[u]);
+  };
+  if constexpr (!XS && !PP) {
+    constexpr int S = WK * KU;  // k blocks one warp advances per step
+    if (wk < Q::NKB) load_step(wk, buf[1]);
+    for (int base = wk; base < Q::NKB; base += S) {
 #pragma unroll
-      for (int u = 0; u < KU; u++)
-        if (base + u * WK < Q::NKB) compute(base + u * WK, cur[u]);
+      for (int u = 0; u < KU; u++) buf[0][u] = buf[1][u];
+      if (base + S < Q::NKB) load_step(base + S, buf[1]);
+      compute_step(base, buf[0]);
+    }
+  } else if constexpr (!XS) {
+    constexpr int S = WK * KU;  // k blocks one warp advances per step
+    if (wk < Q::NKB) load_step(wk, buf[0]);
+    for (int base = wk; base < Q::NKB; base += 2 * S) {
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int b = base + r * S;
+        if (b < Q::NKB) {
+          if (b + S < Q::NKB) load_step(b + S, buf[r ^ 1]);
+          compute_step(b, buf[r]);
+        }
+      }
     }
   } else {
     constexpr int NSTEP = (Q::NKB + KU - 1) / KU;
@@ -360,18 +382,31 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
     };
 #pragma unroll
     for (int s0 = 0; s0 < XT::SS - 1; s0++) issue_step(s0);
-    if constexpr (!RING) {
-      load_step(0, nxt);
+    if constexpr (!RING && !PP) {
+      load_step(0, buf[1]);
       for (int st = 0; st < NSTEP; st++) {
         cp_async_wait<XT::SS - 2>();
         __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
         issue_step(st + XT::SS - 1);
 #pragma unroll
-        for (int u = 0; u < KU; u++) cur[u] = nxt[u];
-        if (st + 1 < NSTEP) load_step((st + 1) * KU, nxt);
+        for (int u = 0; u < KU; u++) buf[0][u] = buf[1][u];
+        if (st + 1 < NSTEP) load_step((st + 1) * KU, buf[1]);
+        compute_step(st * KU, buf[0]);
+      }
+    } else if constexpr (!RING) {
+      load_step(0, buf[0]);
+      for (int st0 = 0; st0 < NSTEP; st0 += 2) {
 #pragma unroll
-        for (int u = 0; u < KU; u++)
-          if (st * KU + u < Q::NKB) compute(st * KU + u, cur[u]);
+        for (int r = 0; r < 2; r++) {
+          const int st = st0 + r;
+          if (st < NSTEP) {  // uniform over the block (barrier inside)
+            cp_async_wait<XT::SS - 2>();
+            __syncthreads();  // step st landed for every thread; the buffers of step st-1 are free
+            issue_step(st + XT::SS - 1);
+            if (st + 1 < NSTEP) load_step((st + 1) * KU, buf[r ^ 1]);
+            compute_step(st * KU, buf[r]);
+          }
+        }
       }
     } else {
       // W ring: KU + 1 one-block register chunks instead of 2 * KU; the loads of blocks

@@ -483,6 +483,9 @@ MMT_EMU_INLINE unsigned smem_addr(const void* p) {
   return unsigned(static_cast<const char*>(p) - ::mmt_emu::cur_fiber()->g->arena);
 }
 
+template <uint32_t B, uint32_t C>
+MMT_EMU_INLINE uint32_t and_or(uint32_t a) { return (a & B) | C; }
+
 template <int K>
 struct MmaArgs {
   float* d;

@@ -1,0 +1,102 @@
+"""A/B of two builds of the CUDA gather_qmm kernels in one process: the sources in OLD_DIR (e.g. a
+previous commit's cuda/, exported with `git archive`) against the working tree's cuda/. For each m,
+the previous tune's best configs (N=1408 gemma-26b-a4b) run through both builds in interleaved
+rounds; the median over rounds is kept. Writes OUT/ab.csv.
+    python3 scripts/h100/ab_kernels.py OLD_DIR OUT [ROUNDS]
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mlx_moe_tune import measure, ops
+from mlx_moe_tune.kernels import registry
+from mlx_moe_tune.kernels.family import DialectSource, Problem, parse_config_id
+from mlx_moe_tune.kernels.plan import make_plan
+
+POINTS = {  # m -> configs (family:config) of the previous tune's top of that bucket
+    1: ["qmv:FN2_WN4_WK2_KU1", "qmv:FN2_WN2_WK4_KU1", "qmv:FN2_WN2_WK2_KU2", "qmv:FN1_WN4_WK2_KU2", "qmm:BM16_FN2_WN4_WK1_MC4_KU2"],
+    2: ["qmm:BM8_FN2_WN4_WK1_MC4_KU2", "qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN1_WN4_WK1_MC4_KU1"],
+    4: ["qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN1_WN4_WK1_MC4_KU2", "qmm:BM8_FN2_WN4_WK1_MC4_KU2"],
+    8: ["qmm:BM8_FN2_WN4_WK1_MC4_KU2", "qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN1_WN4_WK1_MC4_KU1"],
+    16: ["qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM16_FN1_WN4_WK1_MC4_KU1", "qmm:BM16_FN2_WN4_WK1_MC4_KU1"],
+    32: ["qmm:BM32_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU2", "qmm:BM16_FN2_WN4_WK1_MC4_KU2"],
+    64: ["qmm:BM64_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU1"],
+}
+
+
+SHAPE = (128, 2816, 1408)  # E, K, N
+
+
+@dataclasses.dataclass(frozen=True)
+class PathSource(DialectSource):
+    """Kernel text from absolute paths (the old build)."""
+
+    def text(self) -> tuple[str, str]:
+        return Path(self.body).read_text(), "\n".join(Path(h).read_text() for h in self.headers)
+
+
+def old_family(fam, old: Path):
+    src = fam.sources["cuda"]
+    path = lambda rel: str(old / Path(rel).name)  # noqa: E731
+    return dataclasses.replace(fam, name=fam.name + "_old", _cache={},
+                               sources={"cuda": PathSource(path(src.body), tuple(path(h) for h in src.headers))})
+
+
+def build(case, fam, base: str, cfg):
+    p = case.problem
+    x2 = case.x_sorted.reshape(case.rows, p.k)
+    plan = make_plan(case.idx_sorted, p.experts, sorted_indices=True)
+    nxt = case.rotation()
+
+    def fn():
+        w, s, b = nxt()
+        tail = [case.idx_sorted] if base == "qmv" else [plan.order, plan.offsets]
+        return ops._run(fam, p, cfg, case.backend, [x2, w, s, b, *tail], 1)
+
+    return fn
+
+
+def main(old: Path, out: Path, rounds: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    builds = {"new": {n: registry.get(n) for n in ("qmv", "qmm")}}
+    builds["old"] = {n: old_family(f, old) for n, f in builds["new"].items()}
+    rows = []
+    for m, cfgs in POINTS.items():
+        E, K, N = SHAPE
+        p = Problem(experts=E, k=K, n=N, rows=m * E, bits=4, group_size=64, dtype="bfloat16", m=float(m))
+        case = measure.prepare_case(p, m=m, top_k=8, seed=0)
+        ref = measure.case_reference(case)
+        fns = {}
+        for cid in cfgs:
+            base, _, c = cid.partition(":")
+            cfg = parse_config_id(c)
+            for name, fams in builds.items():
+                fn = build(case, fams[base], base, cfg)
+                y = fn()
+                err = float(np.max(np.abs(np.asarray(y.astype(measure.MTYPES["float32"])) - ref)))
+                fns[(cid, name)] = (fn, err)
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, (fn, _) in fns.items():
+                times[k].append(measure.time_fn(fn, iters=10).median_us)
+        for (cid, name), (fn, err) in fns.items():
+            t = statistics.median(times[(cid, name)])
+            r = dict(m=m, config=cid, build=name, time_us=round(t, 2), gbps=round(case.weight_bytes / t / 1e3, 1),
+                     max_abs_err=err, rounds=rounds)
+            rows.append(r)
+            print(r, flush=True)
+        del case, fns
+    with open(out / "ab.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)
