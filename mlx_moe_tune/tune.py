@@ -854,7 +854,7 @@ def table_shape(t) -> Shape:
 
 
 def check_tables(table_dir=None, *, backend=None, bench: Bench | None = None, iters: int = 30, seed: int = 1,
-                 log=None) -> list[dict]:
+                 log=None, only: tuple[int, int, int] | None = None) -> list[dict]:
     """Re-measure the tables this machine would use (user dir, $MLX_MOE_TUNE_TABLES, shipped; or
     only `table_dir`) whose backend and device are this one's: does each bucket reproduce?"""
     from . import tables as tb
@@ -867,7 +867,7 @@ def check_tables(table_dir=None, *, backend=None, bench: Bench | None = None, it
     mine = []
     for d in dirs:
         for t, why in tb.load_dir(d):
-            if t is not None and t.backend == b.name and t.device == dev:
+            if t is not None and t.backend == b.name and t.device == dev and (only is None or (t.E, t.K, t.N) == only):
                 mine.append(t)
     if not mine:
         raise ValueError(f"no tuning table for backend {b.name} on {dev} in {', '.join(map(str, dirs))}")
@@ -947,6 +947,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and say which reproduce within 10%%")
     p.add_argument("--heuristic-gap", action="store_true",
                    help="after tuning, measure the untuned heuristic's choice on each shape held back")
+    p.add_argument("--isolate", default="auto", choices=["auto", "yes", "no"],
+                   help="measure each shape in its own child process (auto: on a real GPU). A process's allocation "
+                        "history slows later measurements (H100: -8..-12%%, sweeps/results/h100/repro/alloc-history.csv)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # E,K,N: the child of an isolated --check
     p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), tune-recheck.json, tune-gap.json")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -997,12 +1001,15 @@ def run(args) -> int:
     if iters < 1:
         raise ValueError(f"--iters must be >= 1 (got {iters})")
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
-    cache = Cache(None) if args.no_cache else Cache(args.cache or default_cache_path())
+    cache_path = None if args.no_cache else Path(args.cache or default_cache_path()).expanduser()
     log = None if args.quiet else (lambda s: print(s, flush=True))
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     bench = Bench(b.name)
+    if _isolated(args, b, len(shapes)) and cache_path is not None:
+        _tune_children(args, shapes, cache_path, log)  # fills the cache; the pass below reads it
+    cache = Cache(cache_path)  # read after the children wrote to it
     rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
                seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log, retry_errors=args.retry_errors,
                deadline_s=args.deadline)
@@ -1041,10 +1048,78 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def _isolated(args, b, units: int) -> bool:
+    if args.isolate == "auto":
+        return not b.emulated and units > 1
+    return args.isolate == "yes"
+
+
+def _child(argv: list[str], log) -> None:
+    """Run `mlx-moe-tune tune ARGV` in a fresh process; its stdout goes to `log`."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "mlx_moe_tune.cli", "tune", *argv, "--isolate", "no"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout.splitlines():
+        if log:
+            log(f"  [child] {line}")
+    if proc.returncode not in (0, 1):  # 1: a check or recheck outside 10%, reported by its lines
+        raise RuntimeError(f"child process `tune {' '.join(argv)}` failed (exit {proc.returncode}): "
+                           f"{proc.stdout.strip().splitlines()[-1:] or ''}")
+
+
+def _tune_children(args, shapes: Sequence[Shape], cache_path, log) -> None:
+    """Tune every shape in its own process (fresh allocations), sharing the measurement cache."""
+    import tempfile
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        for sh in shapes:
+            argv = ["--shape", f"{sh.E},{sh.K},{sh.N},{sh.top_k}", "--mode", sh.mode, "--bits", str(sh.bits),
+                    "--group-size", str(sh.group_size), "--dtype", sh.dtype, "--m", args.m, "--cache", str(cache_path),
+                    "--router", args.router, "--seed", str(args.seed), "--table", scratch, "-q"]
+            for flag, val in (("--backend", args.backend), ("--families", args.families), ("--budget", args.budget),
+                              ("--iters", args.iters)):
+                if val is not None:
+                    argv += [flag, str(val)]
+            if args.retry_errors:
+                argv.append("--retry-errors")
+            if args.deadline is not None:
+                left = args.deadline - (time.perf_counter() - t0)
+                if left <= 0:
+                    break
+                argv += ["--deadline", f"{left:.0f}"]
+            if log:
+                log(f"tuning E={sh.E} K={sh.K} N={sh.N} in a child process")
+            _child(argv, log)
+
+
 def _check_command(args, b) -> int:
     iters = args.iters or (3 if b.emulated else 30)
-    rows = check_tables(args.table, backend=b, iters=iters, seed=args.seed + 1,
-                        log=None if args.quiet else (lambda s: print(s, flush=True)))
+    log = None if args.quiet else (lambda s: print(s, flush=True))
+    only = tuple(int(v) for v in args.only.split(",")) if args.only else None
+    rows = None
+    if only is None:
+        from . import tables as tb
+
+        dev = Bench(b.name).device_name()
+        dirs = [Path(args.table)] if args.table is not None else tb.table_dirs()
+        keys = sorted({(t.E, t.K, t.N) for d in dirs for t, _ in tb.load_dir(d)
+                       if t is not None and t.backend == b.name and t.device == dev})
+        if _isolated(args, b, len(keys)):
+            import tempfile
+
+            rows = []
+            with tempfile.TemporaryDirectory() as scratch:
+                for i, key in enumerate(keys):  # each table in a fresh process, as it was tuned
+                    argv = ["--check", "--only", ",".join(map(str, key)), "-o", f"{scratch}/{i}",
+                            "--iters", str(iters), "--seed", str(args.seed)]
+                    argv += ["--table", args.table] if args.table is not None else []
+                    argv += ["--backend", args.backend] if args.backend is not None else []
+                    _child(argv, log)
+                    rows += json.loads(Path(f"{scratch}/{i}/tune-check.json").read_text())
+    if rows is None:
+        rows = check_tables(args.table, backend=b, iters=iters, seed=args.seed + 1, log=log, only=only)
     ok = sum(r["within_10pct"] for r in rows)
     print(f"check: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
     if args.out:

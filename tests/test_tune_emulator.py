@@ -2,7 +2,10 @@
 the numpy reference, the command line, and the op picking the tuned config from the table."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -119,3 +122,26 @@ def test_cli_tune_then_op_uses_table(tmp_path, monkeypatch, capsys):
     d = ops.describe(xs, wq, sq, bq, mx.array([0, 0, 1, 1, 2, 2, 3, 3], mx.int32), group_size=64, bits=4,
                      sorted_indices=True, backend="emulator-metal", m=2.0)
     assert d == dict(family=want["family"], config=tune.config_id(want["config"]), source="table")
+
+
+def test_cli_isolated_tune_and_check(tmp_path, monkeypatch, capsys):
+    """--isolate yes: every shape is tuned in a child process that fills the shared cache (the
+    parent's own pass then measures nothing), and --check re-measures each table in a child."""
+    monkeypatch.setenv("MLX_MOE_TUNE_TABLES", str(tmp_path / "tables"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                    os.environ.get("PYTHONPATH")])))
+    common = ["--backend", "emulator-metal", "--budget", "1", "--iters", "1", "--families", "qmv"]
+    argv = ["tune", "--preset", "tiny", "--m", "2", "--cache", str(tmp_path / "c.jsonl"), "--isolate", "yes", *common]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    shapes = len(tune.shapes_from_args(argparse.Namespace(preset="tiny", shape=None, mode=None, bits=None,
+                                                          group_size=None, dtype=None)))
+    assert out.count("in a child process") == shapes
+    assert "\n0 measurements" in out or out.startswith("0 measurements")
+    assert len(list((tmp_path / "tables").glob("*.json"))) == shapes
+    code = cli.main(["tune", "--check", "--backend", "emulator-metal", "--iters", "1", "--isolate", "yes",
+                     "-o", str(tmp_path / "chk")])
+    assert code in (0, 1)
+    rows = json.loads((tmp_path / "chk" / "tune-check.json").read_text())
+    assert len(rows) == shapes and all(r["status"] == "ok" and r["rerun_gbps"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("[child] check:") == shapes
