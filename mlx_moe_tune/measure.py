@@ -172,6 +172,16 @@ def decode_chain(case: "Case", f: Callable, calls: int = 32) -> Callable[[], mx.
     return fn
 
 
+def write_rows(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Measurement rows (dicts) as CSV with a header: what the H100 scripts commit as data."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 # --- routing -------------------------------------------------------------------------------
 
 

@@ -6,7 +6,6 @@ rounds; the median over rounds is kept. Writes OUT/ab.csv.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import statistics
 import sys
@@ -92,10 +91,7 @@ def main(old: Path, out: Path, rounds: int) -> None:
             rows.append(r)
             print(r, flush=True)
         del case, fns
-    with open(out / "ab.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "ab.csv", rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ point again on freshly allocated weights. Writes OUT/alloc-history.csv.
 """
 from __future__ import annotations
 
-import csv
 import gc
 import sys
 from pathlib import Path
@@ -60,7 +59,4 @@ if __name__ == "__main__":
     measure._WEIGHTS.clear()
     mx.clear_cache()
     measure_point(3, "after gc + clear_cache", rows)
-    with open(out / "alloc-history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "alloc-history.csv", rows)

@@ -7,7 +7,6 @@ only top_k pairs, so it may want another tile. Writes OUT/decode-configs.csv and
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -54,10 +53,7 @@ def main(out: Path) -> None:
         record("stock", "", lambda y, w, s, bb, i: mx.gather_qmm(y, w, s, bb, rhs_indices=i, transpose=True, **Q))
         del case
     keys = sorted({k for r in rows for k in r})
-    with open(out / "decode-configs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "decode-configs.csv", rows, keys)
     (out / "decode-configs.json").write_text(json.dumps(dict(
         device=mx.device_info(), mlx=mx.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         top_k=TOP_K, chain=CHAIN, format=dict(mode="affine", bits=4, group_size=64, dtype="bfloat16"),

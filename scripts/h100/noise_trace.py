@@ -7,7 +7,6 @@ state, not our timer. Writes OUT/noise-trace.csv (+ the nvidia-smi log written b
 """
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -42,10 +41,7 @@ def main(out: Path, duration: float) -> None:
                      gbps_best=nbytes / best / 1e3)
             rows.append(r)
             print(r, flush=True)
-    with open(out / "noise-trace.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "noise-trace.csv", rows)
 
 
 if __name__ == "__main__":

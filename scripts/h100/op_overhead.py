@@ -115,11 +115,7 @@ def main(out: Path) -> None:
     rec("decode.floor_add", 1, measure.time_fn(
         lambda: __import__("functools").reduce(lambda a, _: a + 1, range(32), mx.zeros((32,)))), 32)
 
-    import csv
-    with open(out / "op-overhead.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "op-overhead.csv", rows)
     (out / "op-overhead.json").write_text(json.dumps(dict(
         device=mx.device_info(), mlx=mx.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         shape=dict(E=E, K=K, N=N, top_k=TOP_K), format=dict(mode="affine", bits=4, group_size=64, dtype="bfloat16"),

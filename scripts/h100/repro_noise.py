@@ -5,7 +5,6 @@ Writes OUT/repro-noise.csv.   python3 scripts/h100/repro_noise.py OUT
 """
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -38,10 +37,7 @@ def main(out: Path) -> None:
                 rows.append(r)
                 print(r, flush=True)
                 del case, fn
-    with open(out / "repro-noise.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    measure.write_rows(out / "repro-noise.csv", rows)
 
 
 if __name__ == "__main__":
