@@ -474,13 +474,17 @@ __device__ inline T epilogue(float g, float u) {
   }
 }
 
-// ---- qmv: one (token, expert) pair per block column, expert ids read directly -----------------
+// ---- qmv / qmv_glu: one (token, expert) pair per block column, expert ids read directly -----
 // Block b = p * NT + nt: pair p, N tile nt of 16*FN*WN rows; warps (wn, wk); column 0 only.
+// GLU: a second weight set (w1/s1/b1) rides the same x loads and the result is silu(gate) * up
+// (decode's gate+up in one launch instead of two kernels plus the elementwise epilogue).
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int FN, int WN, int WK,
-          int KU>
-__device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, const T* biases,
+          int KU, bool GLU = false>
+__device__ inline void qmv_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
+                                const uint32_t* w1, const T* s1, const T* b1,
                                 const int32_t* idx, int P, T* y, float* red) {
   using Q = QGeom<BITS, GS, K>;
+  constexpr int NWS = GLU ? 2 : 1;
   constexpr int BN = 16 * FN * WN;
   constexpr int NT = (N + BN - 1) / BN;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -490,12 +494,14 @@ __device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, 
   const int e = idx[p];
   const bool ok = e >= 0 && e < E;  // a bad id reads nothing and yields zeros (Python validates)
   const size_t eo = ok ? size_t(e) : 0;
-  const WSet<T> ws[1] = {{w + eo * N * Q::KW, scales + eo * N * Q::KG, biases + eo * N * Q::KG}};
+  WSet<T> ws[NWS];
+  ws[0] = WSet<T>{w0 + eo * N * Q::KW, s0 + eo * N * Q::KG, b0 + eo * N * Q::KG};
+  if constexpr (GLU) ws[NWS - 1] = WSet<T>{w1 + eo * N * Q::KW, s1 + eo * N * Q::KG, b1 + eo * N * Q::KG};
   const T* xrow[1] = {g == 0 ? x + size_t(p / X_DIV) * K : nullptr};
   const int n0 = nt * BN + wn * 16 * FN;
-  float acc[1][FN][1][4] = {};
-  warp_gemm<T, BITS, GS, K, FN, 1, 1, WK, KU>(acc, ws, n0, ok ? N : 0, xrow, wk);
-  reduce_split_k<FN * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
+  float acc[NWS][FN][1][4] = {};
+  warp_gemm<T, BITS, GS, K, FN, 1, NWS, WK, KU>(acc, ws, n0, ok ? N : 0, xrow, wk);
+  reduce_split_k<NWS * FN * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
   if (wk == 0 && tig == 0) {  // column 0 = lanes with tig 0 hold c0 (row g) and c2 (row g+8)
     T* yr = y + size_t(p) * N;
 #pragma unroll
@@ -503,7 +509,7 @@ __device__ inline void qmv_impl(const T* x, const uint32_t* w, const T* scales, 
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const int n = n0 + 16 * f + 8 * h + g;
-        if (n < N) yr[n] = Pair<T>::from_float(acc[0][f][0][2 * h]);
+        if (n < N) yr[n] = epilogue<T, GLU>(acc[0][f][0][2 * h], acc[NWS - 1][f][0][2 * h]);
       }
   }
 }

@@ -7,4 +7,4 @@
 // Expert ids are read directly (no sort), so a decode step is a single launch.
 __shared__ float mmt_red[WK > 1 ? (WK - 1) * WN * FN * 4 * 32 : 1];
 mmt::qmv_impl<T, BITS, GS, K, N, E, X_DIV, FN, WN, WK, KU>(
-    x, w, scales, biases, idx, int(idx_shape[0]), y, mmt_red);
+    x, w, scales, biases, w, scales, biases, idx, int(idx_shape[0]), y, mmt_red);

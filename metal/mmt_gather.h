@@ -28,13 +28,16 @@ inline float half_word_scale(int i) {
 // ---------------------------------------------------------------------------------------------
 // qmv: no-reuse gather matvec (decode). See metal/qmv.metal for the tiling.
 // ---------------------------------------------------------------------------------------------
+// GLU: a second weight set (wu/su/bu) shares every x load and the result is
+// silu(x Wg^T) * (x Wu^T), decode's gate+up in one launch (qmv_glu.metal).
 template <
     typename T, int BITS, int GS, int K, int N, int X_DIV,
-    int RPS, int SG, int VPT, int PR,
+    int RPS, int SG, int VPT, int PR, bool GLU,
     typename XPtr, typename WPtr, typename SPtr, typename IPtr>
 inline void qmv_impl(
-    XPtr x, WPtr w, SPtr scales, SPtr biases, IPtr idx, int P, device T* y,
-    uint pair_block, uint n_block, uint sgid, uint lane) {
+    XPtr x, WPtr w, SPtr scales, SPtr biases, WPtr wu, SPtr su, SPtr bu, IPtr idx, int P,
+    device T* y, uint pair_block, uint n_block, uint sgid, uint lane) {
+  constexpr int NWS = GLU ? 2 : 1;  // weight sets
   constexpr int PF = 32 / BITS;  // values per packed word
   constexpr int WPT = VPT / PF;  // words per lane per K step
   constexpr int KW = K / PF;     // words per weight row
@@ -56,10 +59,12 @@ inline void qmv_impl(
     xr[j] = live[j] ? p / X_DIV : 0;
   }
 
-  float acc[PR][RPS];
-  for (int j = 0; j < PR; j++) {
-    for (int r = 0; r < RPS; r++) {
-      acc[j][r] = 0.0f;
+  float acc[NWS][PR][RPS];
+  for (int ws = 0; ws < NWS; ws++) {
+    for (int j = 0; j < PR; j++) {
+      for (int r = 0; r < RPS; r++) {
+        acc[ws][j][r] = 0.0f;
+      }
     }
   }
 
@@ -86,36 +91,41 @@ inline void qmv_impl(
       if (n >= N) {
         break;  // uniform across the simdgroup: all lanes share n
       }
-      // Pairs that share an expert reuse the words already in registers (sorted layouts).
-      int cur = -1;
-      uint wq[WPT];
-      float s = 0.0f;
-      float b = 0.0f;
-      for (int j = 0; j < PR; j++) {
-        if (!live[j]) {
-          continue;
-        }
-        if (ex[j] != cur) {
-          cur = ex[j];
-          const size_t row = size_t(cur) * N + n;
+      for (int ws = 0; ws < NWS; ws++) {
+        WPtr wp = ws == 0 ? w : wu;
+        SPtr sp = ws == 0 ? scales : su;
+        SPtr bp = ws == 0 ? biases : bu;
+        // Pairs that share an expert reuse the words already in registers (sorted layouts).
+        int cur = -1;
+        uint wq[WPT];
+        float s = 0.0f;
+        float b = 0.0f;
+        for (int j = 0; j < PR; j++) {
+          if (!live[j]) {
+            continue;
+          }
+          if (ex[j] != cur) {
+            cur = ex[j];
+            const size_t row = size_t(cur) * N + n;
+            for (int t = 0; t < WPT; t++) {
+              wq[t] = wp[row * KW + k / PF + t];
+            }
+            s = static_cast<float>(sp[row * KG + g]);
+            b = static_cast<float>(bp[row * KG + g]);
+          }
+          float d = 0.0f;
           for (int t = 0; t < WPT; t++) {
-            wq[t] = w[row * KW + k / PF + t];
+            const uint lo = wq[t] & 0xffffu;
+            const uint hi = wq[t] >> 16;
+            for (int i = 0; i < HALF; i++) {
+              const uint mask = ((1u << BITS) - 1u) << (BITS * i);
+              d += xv[j][t * PF + i] * float(lo & mask);
+              d += xv[j][t * PF + HALF + i] * float(hi & mask);
+            }
           }
-          s = static_cast<float>(scales[row * KG + g]);
-          b = static_cast<float>(biases[row * KG + g]);
+          // sum_i x_i * (s*q_i + b) = s * sum_i x_i q_i + b * sum_i x_i
+          acc[ws][j][r] += s * d + b * xs[j];
         }
-        float d = 0.0f;
-        for (int t = 0; t < WPT; t++) {
-          const uint lo = wq[t] & 0xffffu;
-          const uint hi = wq[t] >> 16;
-          for (int i = 0; i < HALF; i++) {
-            const uint mask = ((1u << BITS) - 1u) << (BITS * i);
-            d += xv[j][t * PF + i] * float(lo & mask);
-            d += xv[j][t * PF + HALF + i] * float(hi & mask);
-          }
-        }
-        // sum_i x_i * (s*q_i + b) = s * sum_i x_i q_i + b * sum_i x_i
-        acc[j][r] += s * d + b * xs[j];
       }
     }
   }
@@ -124,9 +134,10 @@ inline void qmv_impl(
   for (int r = 0; r < RPS; r++) {
     const int n = n0 + r;
     for (int j = 0; j < PR; j++) {
-      const float total = metal::simd_sum(acc[j][r]);
+      const float gate = metal::simd_sum(acc[0][j][r]);
+      const float up = GLU ? metal::simd_sum(acc[NWS - 1][j][r]) : 0.0f;
       if (lane == 0 && n < N && live[j]) {
-        y[size_t(p0 + j) * N + n] = static_cast<T>(total);
+        y[size_t(p0 + j) * N + n] = static_cast<T>(GLU ? gate / (1.0f + metal::exp(-gate)) * up : gate);
       }
     }
   }

@@ -19,7 +19,7 @@ from .kernels import registry
 from .kernels.common import dtype_name, template_args
 from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
-from .kernels.plan import Plan, as_plan, make_plan
+from .kernels.plan import Plan, SharedPlan, as_plan, make_plan  # noqa: F401 (SharedPlan: re-export)
 
 
 def _layout(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, int, tuple[int, ...]]:
@@ -95,12 +95,6 @@ def default_choice(problem: Problem, sorted_layout: bool) -> tuple[str, dict[str
 _CHOICES: dict = {}
 
 
-def _choose(problem, backend, family, config, glu, sorted_layout, top_k):
-    """(family, config) for this call; see `_choice`."""
-    fam, cfg, _ = _choice(problem, backend, family, config, glu, sorted_layout, top_k)
-    return fam, cfg
-
-
 def _choice(problem, backend, family, config, glu, sorted_layout, top_k):
     """(family, config, source) for this call, source "argument", "table" or "default";
     memoized per problem, since tables.lookup walks the table directories and this runs on every
@@ -119,11 +113,12 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
         config = parse_config_id(config)
     if family is None and config is not None:
         keys = set(config)
-        family = "qmm_glu" if glu and "BM" in keys else next(
-            (n for n, f in registry.FAMILIES.items() if set(f.space.get(backend.dialect, {})) == keys and
-             (n == "qmm_glu") == glu), None)
+        family = next((n for n, f in registry.FAMILIES.items() if set(f.space.get(backend.dialect, {})) == keys
+                       and n.endswith("_glu") == glu), None)
         if family is None:
             raise ValueError(f"config {config} matches no kernel family's tile parameters")
+    if family is not None and glu and not family.endswith("_glu"):
+        family += "_glu"  # qmv -> qmv_glu, qmm -> qmm_glu: the fused variant of the same tile
     if family is None:
         try:
             from . import tables
@@ -131,20 +126,18 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
             hit = tables.lookup(problem, backend, top_k=top_k, heuristic_fallback=False)
         except ImportError:
             hit = None
-        if hit is not None and hit[1] is not None and (hit[0] != "qmv" or not glu):
+        if hit is not None and hit[1] is not None:
             family, config = hit
             source = "table"
-            if glu and family == "qmm":
-                family = "qmm_glu"
+            if glu:
+                family += "_glu"
         elif backend.dialect == "metal":  # Metal tiles have their own parameters
             family, config = metal_tiles.default_choice(problem, glu)
         else:
             family, config = default_choice(problem, sorted_layout)
             if glu:
-                family = "qmm_glu"
-                if config.get("BM") is None:  # no qmv for the fused variant
-                    config = {"BM": 8, "FN": 2, "WN": 4, "WK": 1, "MC": 4, "KU": 1}
-                if config["BM"] * config["FN"] > 64:  # two accumulator sets: halve the N tile
+                family += "_glu"
+                if "BM" in config and config["BM"] * config["FN"] > 64:  # two accumulator sets: halve the N tile
                     config = {**config, "FN": 1}
     fam = registry.get(family)
     if config is None:
@@ -201,52 +194,100 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     """Same result as `mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True,
     group_size=..., bits=..., mode=..., sorted_indices=...)`.
 
-    plan: a `kernels.plan.make_plan(indices, E)` to reuse across calls with the same routing
-    (gate, up, down). validate: check expert ids on the host (one sync); pass False in hot paths
-    (the kernels never read out of bounds for a bad id either way). m: rows per expert, if known
-    (tile choice only). family/config: force a kernel family ("qmv", "qmm") and tile.
+    plan: a `kernels.plan.make_plan(indices, E)` (or a `SharedPlan`) to reuse across calls with
+    the same routing (gate, up, down). validate: check expert ids on the host (one sync); pass
+    False in hot paths (the kernels never read out of bounds for a bad id either way). m: rows
+    per expert, if known (tile choice only). family/config: force a kernel family ("qmv",
+    "qmm") and tile.
     """
+    return _call(x, ((w, scales, biases),), indices, group_size, bits, mode, sorted_indices, config,
+                 family, plan, backend, validate, m)
+
+
+FUSED_MIN_M = 24  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)
+
+
+def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up,
+                   indices: mx.array, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
+                   sorted_indices: bool = False, config: Mapping[str, int] | str | None = None,
+                   family: str | None = None, plan: Plan | None = None,
+                   backend: str | Backend | None = None, validate: bool = True,
+                   m: float | None = None) -> mx.array:
+    """silu(gather_qmm(x, gate)) * gather_qmm(x, up) (mlx-lm SwitchGLU, SwiGLU).
+
+    Where the tile choice is the no-reuse qmv (decode), one qmv_glu kernel runs both weight sets
+    on the same x loads and applies the epilogue: one launch instead of two kernels plus the
+    elementwise ops. On the reuse path, from FUSED_MIN_M rows per expert on (or whenever `config`
+    or `family` is given) one qmm_glu kernel reads x once for both weight sets; below it, two
+    tuned calls share the plan and are followed by a compiled silu(g) * u. Measured on the H100
+    (E=128, K=2816, N=1408; sweeps/results/h100/tuned-cuda-gemma-26b-a4b-op.csv): qmm_glu's
+    doubled register tile makes it 1.9x slower at m <= 8, a wash at m = 16 (+-10% between runs),
+    1.15-1.18x faster at m = 32 and about even at m = 64."""
+    return _call(x, ((w_gate, scales_gate, biases_gate), (w_up, scales_up, biases_up)), indices,
+                 group_size, bits, mode, sorted_indices, config, family, plan, backend, validate, m)
+
+
+@mx.compile
+def _swiglu(g: mx.array, u: mx.array) -> mx.array:
+    return (g * mx.sigmoid(g) * u).astype(g.dtype)
+
+
+def _shape_key(a):
+    return None if a is None else (tuple(a.shape), a.dtype)
+
+
+def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, family, plan, backend,
+          validate, m):
+    """gather_qmm (one weight set) or its fused SwiGLU (two). The per-shape work (validation, tile
+    choice, launch geometry) is memoized in a _Spec; per call only reshapes, the optional range
+    check, the plan and the launch remain (the decode hot path)."""
     ckey = config if config is None or isinstance(config, str) else tuple(dict(config).items())
-    key = (tuple(x.shape), x.dtype, tuple(w.shape), w.dtype, tuple(scales.shape), scales.dtype,
-           None if biases is None else (tuple(biases.shape), biases.dtype), tuple(indices.shape),
-           indices.dtype, group_size, bits, mode, sorted_indices, family, ckey,
+    key = (tuple(x.shape), x.dtype, tuple(_shape_key(a) for ws in wsets for a in ws),
+           tuple(indices.shape), indices.dtype, group_size, bits, mode, sorted_indices, family, ckey,
            backend if backend is None or isinstance(backend, str) else backend.name, m)
     spec = _SPECS.get(key)
     if spec is None:  # first call with these shapes: validate everything and choose the tile
         if len(_SPECS) > 4096:  # many distinct token counts (prefill): keep the memo bounded
             _SPECS.clear()
-        spec = _SPECS[key] = _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices,
-                                   config, family, backend, m)
+        spec = _SPECS[key] = _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config,
+                                   family, backend, m)
     if spec.problem.rows == 0:
         return mx.zeros(spec.out_shape, dtype=x.dtype)
-    # per call: only reshapes, the optional range check, the plan and the launch
     x2, flat, _, _ = _layout(x, indices) if spec.materialize else (
         x.reshape(spec.x_rows, spec.problem.k), indices.reshape(-1), None, None)
     if flat.dtype != mx.int32:
         flat = flat.astype(mx.int32)
     if validate:
         _check_range(flat, spec.problem.experts)
-    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
-    if spec.fam.name == "qmv":
-        inputs = [x2, w, cast(scales), cast(biases), flat]
-    else:
+    if spec.fam is None or "idx" not in spec.fam.input_names:  # the reuse kernels need the plan
         if plan is None:
             plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices, backend=spec.backend)
         else:
             plan = as_plan(plan, spec.problem.experts, spec.problem.rows)
-        inputs = [x2, w, cast(scales), cast(biases), plan.order, plan.offsets]
-    (y,) = spec.fam.kernel(spec.backend)(inputs=inputs, output_dtypes=[x.dtype], **spec.kwargs)
+    if spec.fam is None:  # fused SwiGLU below FUSED_MIN_M: two tuned calls sharing the plan
+        kw = dict(group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices,
+                  plan=plan, backend=backend, validate=False, m=m)
+        g = gather_qmm(x, *wsets[0], indices, **kw)
+        return _swiglu(g, gather_qmm(x, *wsets[1], indices, **kw))
+    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
+    weights = [a for w, sc, b in wsets for a in (w, cast(sc), cast(b))]
+    tail = [flat] if "idx" in spec.fam.input_names else [plan.order, plan.offsets]
+    (y,) = spec.fam.kernel(spec.backend)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype], **spec.kwargs)
     return y.reshape(spec.out_shape)
 
 
 def describe(x, w, scales, biases, indices, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
-             sorted_indices: bool = False, config=None, family=None, backend=None, m=None) -> dict:
-    """What `gather_qmm` with these arguments runs, without running it: family, config id and
-    where the choice came from ("table" = a tuning table, "default", "argument")."""
+             sorted_indices: bool = False, config=None, family=None, backend=None, m=None,
+             w_up=None) -> dict:
+    """What `gather_qmm` (or, with `w_up=(w, scales, biases)` of the up projection,
+    `gather_qmm_glu`) runs with these arguments, without running it: family ("" for the fused
+    op's two-call path), config id and where the choice came from ("table" = a tuning table,
+    "default", "argument")."""
     from .kernels.family import config_id
 
-    sp = _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, config, family, backend, m)
-    return dict(family=sp.fam.name if sp.fam else None, config=config_id(sp.config) if sp.config else "",
+    wsets = ((w, scales, biases),) if w_up is None else ((w, scales, biases), tuple(w_up))
+    sp = _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, family, backend, m)
+    return dict(family=sp.fam.name if sp.fam else "", config=config_id(sp.config) if sp.config else "",
                 source=sp.source)
 
 
@@ -256,7 +297,7 @@ class _Spec:
 
     problem: Problem
     backend: Backend
-    fam: object
+    fam: object  # None: nothing to launch (no rows, or the fused op's two-call path)
     kwargs: dict  # kernel-call keywords except inputs and output dtypes
     x_rows: int
     materialize: bool  # x batch broadcasts another way: _layout per call
@@ -268,60 +309,23 @@ class _Spec:
 _SPECS: dict = {}
 
 
-def _spec(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, config, family, backend, m):
+def _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, family, backend, m):
+    (w, scales, biases), glu = wsets[0], len(wsets) > 1
     b, problem, x2, flat, x_div, batch, _ = _prepare(
-        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, False, m)
+        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, False, m,
+        w_extra=wsets[1:])
     out_shape = (*batch, 1, problem.n)
     materialize = tuple(indices.shape) != batch or (x_div == 1 and tuple(x.shape[:-2]) != batch)
     if problem.rows == 0:
         return _Spec(problem, b, None, {}, 0, materialize, out_shape, None, "empty")
     top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
-    fam, cfg, source = _choice(problem, b, family, config, False, sorted_indices, top_k)
+    fam, cfg, source = _choice(problem, b, family, config, glu, sorted_indices, top_k)
+    if (glu and fam.name == "qmm_glu" and config is None and family is None
+            and problem.rows_per_expert < FUSED_MIN_M):
+        return _Spec(problem, b, None, {}, x2.shape[0], materialize, out_shape, None, source)
     launch = fam.launch(problem, cfg, b)
     kwargs = dict(template=template_args(problem, cfg, x_div), grid=launch.grid, threadgroup=launch.threadgroup,
                   output_shapes=[(problem.rows, problem.n)])
     if launch.shared_memory and not b.emulated and b.dialect == "cuda":
         kwargs["shared_memory"] = launch.shared_memory
     return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source)
-
-
-FUSED_MIN_M = 24  # rows per expert from which qmm_glu beats two calls (see gather_qmm_glu)
-
-
-def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up,
-                   indices: mx.array, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
-                   sorted_indices: bool = False, config: Mapping[str, int] | str | None = None,
-                   plan: Plan | None = None, backend: str | Backend | None = None,
-                   validate: bool = True, m: float | None = None) -> mx.array:
-    """silu(gather_qmm(x, gate)) * gather_qmm(x, up) (mlx-lm SwitchGLU, SwiGLU).
-
-    From FUSED_MIN_M rows per expert on (or whenever `config` is given) one qmm_glu kernel reads
-    x once for both weight sets and applies the epilogue in float32, rounding once. Below it, two
-    tuned calls share the plan and are followed by silu(g) * u. Measured on the H100 (E=128,
-    K=2816, N=1408; sweeps/results/h100/tuned-cuda-gemma-26b-a4b-op.csv): the fused kernel's
-    doubled register tile makes it 1.9x slower at m <= 8, a wash at m = 16 (+-10% between runs),
-    1.15-1.18x faster at m = 32 and about even at m = 64."""
-    b, problem, x2, flat, x_div, batch, cast = _prepare(
-        x, w_gate, scales_gate, biases_gate, indices, group_size, bits, mode, sorted_indices, backend,
-        validate, m, w_extra=((w_up, scales_up, biases_up),))
-    N = problem.n
-    if problem.rows == 0:
-        return mx.zeros((*batch, 1, N), dtype=x.dtype)
-    if config is None and problem.rows_per_expert < FUSED_MIN_M:
-        if plan is None:
-            plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices, backend=b)
-        kw = dict(group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices, plan=plan,
-                  backend=backend, validate=False, m=m)
-        g = gather_qmm(x, w_gate, scales_gate, biases_gate, indices, **kw)
-        u = gather_qmm(x, w_up, scales_up, biases_up, indices, **kw)
-        return (g * mx.sigmoid(g) * u).astype(x.dtype)
-    top_k = indices.shape[-1] if (x_div > 1 and indices.ndim) else None
-    fam, cfg = _choose(problem, b, "qmm_glu" if config is not None else None, config, True,
-                       sorted_indices, top_k)
-    if plan is None:
-        plan = make_plan(flat, problem.experts, sorted_indices=sorted_indices, backend=b)
-    else:
-        plan = as_plan(plan, problem.experts, problem.rows)
-    y = _run(fam, problem, cfg, b, [x2, w_gate, cast(scales_gate), cast(biases_gate), w_up,
-                                   cast(scales_up), cast(biases_up), plan.order, plan.offsets], x_div)
-    return y.reshape(*batch, 1, N)

@@ -146,11 +146,12 @@ class TunedSwitchGLU(SwitchGLU):
         g, u, d = self["gate_proj"], self["up_proj"], self["down_proj"]
         if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
             return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
-        from .kernels.plan import make_plan
+        from .kernels.plan import SharedPlan
 
         xe = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
-        plan = make_plan(indices, g["weight"].shape[0])  # sorted once, shared by all three
+        # sorted once, shared by all three; built only if a reuse kernel runs (not at decode)
+        plan = SharedPlan(indices, g["weight"].shape[0], backend=self._mmt_backend)
         h = None
         if self._mmt_fuse:
             try:

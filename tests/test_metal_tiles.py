@@ -93,7 +93,9 @@ def test_bad_dtype_is_a_value_error():
 
 
 def test_shipped_spaces_are_mostly_valid_on_a_real_shape():
-    for space, check in ((mt.QMV_SPACE, mt.check_qmv), (mt.QMM_SPACE, mt.check_qmm), (mt.QMM_SPACE, mt.check_qmm_glu)):
+    qmv_glu = lambda p, c, b: mt.check_qmv(p, c, b, glu=True)  # noqa: E731
+    for space, check in ((mt.QMV_SPACE, mt.check_qmv), (mt.QMV_SPACE, qmv_glu), (mt.QMM_SPACE, mt.check_qmm),
+                         (mt.QMM_SPACE, mt.check_qmm_glu)):
         valid = [c for c in configs(space) if check(PROBLEM, c, EMULATOR_METAL) is None]
         assert len(valid) >= len(configs(space)) // 2
 

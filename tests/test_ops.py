@@ -164,11 +164,12 @@ def test_glu_vs_two_calls():
     _close(ops.gather_qmm_glu(x, wg, sg, bg, wu, su, bu, idx), ref, tol=3e-2)
 
 
-@pytest.mark.parametrize("config", [None, {"BM": 8, "FN": 1, "WN": 4, "WK": 1, "MC": 4, "KU": 1}],
-                         ids=["split-calls", "fused"])
-def test_glu_on_emulator(config):
-    """Both gather_qmm_glu paths (two calls + silu*up below FUSED_MIN_M, the fused kernel when a
-    config is forced) vs the numpy reference of silu(x Wg^T) * (x Wu^T)."""
+@pytest.mark.parametrize("config,family", [
+    (None, ""), ({"BM": 8, "FN": 1, "WN": 4, "WK": 1, "MC": 4, "KU": 1}, "qmm_glu"),
+    ({"FN": 1, "WN": 2, "WK": 2, "KU": 1}, "qmv_glu")], ids=["split-calls", "fused-qmm", "fused-qmv"])
+def test_glu_on_emulator(config, family):
+    """Every gather_qmm_glu path (two calls + silu*up below FUSED_MIN_M, the fused reuse or
+    no-reuse kernel when a config is forced) vs the numpy reference of silu(x Wg^T) * (x Wu^T)."""
     emu = pytest.importorskip("mlx_moe_tune.emulator")
     if not hasattr(emu, "cuda_kernel"):
         pytest.skip("emulator has no cuda_kernel yet")
@@ -177,5 +178,30 @@ def test_glu_on_emulator(config):
     idx = mx.array(rng.integers(0, 3, size=(6, 2)).astype(np.int32))
     x = mx.array(rng.standard_normal((6, 1, 1, 128)).astype(np.float32)).astype(mx.bfloat16)
     g, u = _reference(x, wg, sg, bg, idx, 64, 4), _reference(x, wu, su, bu, idx, 64, 4)
+    assert ops.describe(x, wg, sg, bg, idx, config=config, backend="emulator-cuda",
+                        w_up=(wu, su, bu))["family"] == family
     y = ops.gather_qmm_glu(x, wg, sg, bg, wu, su, bu, idx, config=config, backend="emulator-cuda")
+    _close(y, g / (1.0 + np.exp(-g)) * u, tol=3e-2)
+
+
+def test_glu_decode_is_one_fused_launch():
+    """A decode step (1 token, top-k) through gather_qmm_glu picks the fused no-reuse kernel by
+    default (one launch for gate+up), builds no routing plan, and matches the reference."""
+    emu = pytest.importorskip("mlx_moe_tune.emulator")
+    if not hasattr(emu, "cuda_kernel"):
+        pytest.skip("emulator has no cuda_kernel yet")
+    from mlx_moe_tune.kernels.plan import SharedPlan
+
+    E, K, N = 8, 128, 40
+    (wg, sg, bg), (wu, su, bu) = _weights(E=E, N=N, K=K, seed=3), _weights(E=E, N=N, K=K, seed=4)
+    rng = np.random.default_rng(5)
+    idx = mx.array(rng.permutation(E)[:2].reshape(1, 1, 2).astype(np.int32))
+    x = mx.array(rng.standard_normal((1, 1, 1, 1, K)).astype(np.float32)).astype(mx.bfloat16)
+    d = ops.describe(x, wg, sg, bg, idx, backend="emulator-cuda", w_up=(wu, su, bu))
+    assert d["family"] == "qmv_glu" and d["source"] == "default"
+    plan = SharedPlan(idx, E, backend="emulator-cuda")
+    y = ops.gather_qmm_glu(x, wg, sg, bg, wu, su, bu, idx, plan=plan, backend="emulator-cuda")
+    assert plan._plan is None  # qmv reads expert ids directly: the shared plan was never built
+    assert y.shape == (1, 1, 2, 1, N)
+    g, u = _reference(x, wg, sg, bg, idx, 64, 4), _reference(x, wu, su, bu, idx, 64, 4)
     _close(y, g / (1.0 + np.exp(-g)) * u, tol=3e-2)

@@ -1,8 +1,8 @@
 """Metal side of the gather_qmm kernel families: tile spaces, Apple's limits, launch geometry.
 
-The families themselves (qmv, qmm, qmm_glu: inputs, template, CUDA rules) are defined once in
+The families themselves (qmv, qmv_glu, qmm, qmm_glu: inputs, template, CUDA rules) are defined once in
 kernels/qmv.py and kernels/qmm.py; they call these functions when `backend.dialect == "metal"`.
-Sources: metal/qmv.metal, metal/qmm.metal, metal/qmm_glu.metal, all with metal/mmt_gather.h.
+Sources: metal/qmv.metal, metal/qmv_glu.metal, metal/qmm.metal, metal/qmm_glu.metal, all with metal/mmt_gather.h.
 
 Tile parameters (Metal names):
   qmv      RPS output rows per simdgroup, SG simdgroups per threadgroup, VPT K values per lane per
@@ -62,8 +62,9 @@ def _common(problem, bits_ok=(2, 4, 8)) -> str | None:
     return None
 
 
-def check_qmv(problem, config: Mapping[str, int], backend: Backend) -> str | None:
-    """Why `config` cannot run `problem` on this Metal backend, or None."""
+def check_qmv(problem, config: Mapping[str, int], backend: Backend, glu: bool = False) -> str | None:
+    """Why `config` cannot run `problem` on this Metal backend, or None (glu: two weight sets,
+    twice the accumulators)."""
     if (why := _common(problem)) is not None:
         return why
     rps, sg, vpt, pr = config["RPS"], config["SG"], config["VPT"], config["PR"]
@@ -75,9 +76,10 @@ def check_qmv(problem, config: Mapping[str, int], backend: Backend) -> str | Non
     threads = SIMD * sg
     if threads > backend.max_threads:
         return f"{threads} threads per threadgroup > {backend.max_threads}"
-    regs = pr * vpt + pr * rps + vpt // pf
+    regs = pr * vpt + (2 if glu else 1) * pr * rps + vpt // pf
     if regs > MAX_QMV_REGS:
-        return f"register tile PR*VPT + PR*RPS = {regs} > {MAX_QMV_REGS}"
+        what = "PR*VPT + 2*PR*RPS" if glu else "PR*VPT + PR*RPS"
+        return f"register tile {what} = {regs} > {MAX_QMV_REGS}"
     return None
 
 
@@ -142,8 +144,8 @@ def default_choice(problem, glu: bool = False) -> tuple[str, dict[str, int]]:
     per lane at m ~ 1; 8x8-fragment tiles with 64-128 threads above it, BM near m (a row
     chunk never straddles experts here, so a small BM wastes nothing but re-reads of W)."""
     m = problem.rows_per_expert
-    if m <= 1.5 and not glu:
+    if m <= 1.5:
         vpt = 16 if problem.group_size % 16 == 0 else 8
-        return "qmv", {"RPS": 4, "SG": 2, "VPT": vpt, "PR": 1}
+        return ("qmv_glu" if glu else "qmv"), {"RPS": 4, "SG": 2, "VPT": vpt, "PR": 1}
     bm = 8 if m <= 8 else 16 if m <= 16 else 32
     return ("qmm_glu" if glu else "qmm"), {"BM": bm, "BN": 64, "BK": 32, "WM": 1 if bm == 8 else 2, "WN": 2}

@@ -100,6 +100,36 @@ def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False,
     return Plan(mx.arange(P, dtype=mx.int32), offsets, experts, P)
 
 
+class SharedPlan:
+    """A plan that is built only when a kernel first needs it, then shared: mlx-lm's SwitchGLU
+    hands one to gate, up and down, and a decode step (all qmv, which reads expert ids directly)
+    never pays for building one."""
+
+    def __init__(self, indices: mx.array, experts: int, *, sorted_indices: bool = False,
+                 backend: Backend | str | None = None):
+        self._args = (indices, experts, sorted_indices, backend)
+        self._plan: Plan | None = None
+        self.experts, self.pairs = experts, int(indices.size)
+
+    def _get(self) -> Plan:
+        if self._plan is None:
+            indices, experts, sorted_indices, backend = self._args
+            self._plan = make_plan(indices, experts, sorted_indices=sorted_indices, backend=backend)
+        return self._plan
+
+    @property
+    def order(self) -> mx.array:
+        return self._get().order
+
+    @property
+    def offsets(self) -> mx.array:
+        return self._get().offsets
+
+
+def _int32(a: mx.array) -> mx.array:
+    return a if a.dtype == mx.int32 else a.astype(mx.int32)  # a same-dtype astype is still a node
+
+
 def as_plan(plan, experts: int, pairs: int) -> Plan:
     """Accept our Plan or any object with order/offsets (routing.Plan); check it fits the call."""
     order, offsets = getattr(plan, "order", None), getattr(plan, "offsets", None)
@@ -108,4 +138,4 @@ def as_plan(plan, experts: int, pairs: int) -> Plan:
     if order.size != pairs or offsets.size != experts + 1:
         raise ValueError(f"plan is for {order.size} pairs / {offsets.size - 1} experts, "
                          f"this call has {pairs} / {experts}")
-    return Plan(order.astype(mx.int32), offsets.astype(mx.int32), experts, pairs)
+    return Plan(_int32(order), _int32(offsets), experts, pairs)

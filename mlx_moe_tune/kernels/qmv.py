@@ -1,4 +1,6 @@
-"""qmv: the no-reuse gather kernel (decode / m ~ 1), one (token, expert) pair per block column.
+"""qmv and qmv_glu: the no-reuse gather kernels (decode / m ~ 1), one (token, expert) pair per
+block column. qmv_glu runs the gate and up weight sets on the same x loads and writes
+silu(gate) * up: a decode step's gate+up in one launch.
 
 Expert ids are read directly (no sort), so a decode step is a single launch. Inputs follow the
 contract in TEAM.md: x (X, K), w (E, N, K*bits/32) uint32, scales/biases (E, N, K/gs), idx (P,);
@@ -33,9 +35,9 @@ def _cuda_blocks(problem, config: Mapping[str, int]) -> int:
     return max(problem.rows, 0) * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
 
 
-def check(problem, config: Mapping[str, int], backend: Backend) -> str | None:
+def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
     if backend.dialect == "metal":
-        return metal_tiles.check_qmv(problem, config, backend)
+        return metal_tiles.check_qmv(problem, config, backend, glu=glu)
     if (why := check_format_cuda(problem)) is not None:
         return why
     fn, wn, wk = config["FN"], config["WN"], config["WK"]
@@ -44,11 +46,13 @@ def check(problem, config: Mapping[str, int], backend: Backend) -> str | None:
     threads = _cuda_threads(config)
     if threads > backend.max_threads:
         return f"{threads} threads per block > {backend.max_threads}"
-    if threads * config["KU"] > 512:
-        # ~100 registers per KU step buffer: 512 threads x 2 steps exceed the 64K register file
-        # (the H100 refuses the launch: "too many resources requested")
-        return f"{threads} threads x KU={config['KU']} exceed the register file (threads*KU <= 512)"
-    smem = (wk - 1) * wn * fn * 4 * WARP * 4
+    sets = 2 if glu else 1
+    if threads * config["KU"] * sets > 512:
+        # ~100 registers per KU step buffer and weight set: 512 threads x 2 steps exceed the 64K
+        # register file (the H100 refuses the launch: "too many resources requested")
+        return (f"{threads} threads x KU={config['KU']} x {sets} weight set(s) exceed the register "
+                f"file (threads*KU*sets <= 512)")
+    smem = (wk - 1) * wn * sets * fn * 4 * WARP * 4
     if smem > CUDA_STATIC_SMEM:
         return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
     if _cuda_blocks(problem, config) * threads > GRID_LIMIT:
@@ -63,16 +67,22 @@ def launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
     return Launch((threads * _cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
 
 
-QMV = KernelFamily(
-    name="qmv",
-    input_names=("x", "w", "scales", "biases", "idx"),
-    output_names=("y",),
-    sources={
-        "cuda": DialectSource("cuda/qmv.cu", ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")),
-        "metal": DialectSource("metal/qmv.metal", ("metal/mmt_gather.h",)),
-    },
-    space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
-    check=check,
-    launch=launch,
-    template=lambda problem, config: template_args(problem, config),
-)
+def _family(name: str, weight_inputs: tuple[str, ...], glu: bool) -> KernelFamily:
+    """qmv and qmv_glu differ only in their weight inputs and the epilogue (the source)."""
+    return KernelFamily(
+        name=name,
+        input_names=("x", *weight_inputs, "idx"),
+        output_names=("y",),
+        sources={
+            "cuda": DialectSource(f"cuda/{name}.cu", ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")),
+            "metal": DialectSource(f"metal/{name}.metal", ("metal/mmt_gather.h",)),
+        },
+        space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
+        check=lambda p, c, b: _check(p, c, b, glu=glu),
+        launch=launch,
+        template=lambda problem, config: template_args(problem, config),
+    )
+
+
+QMV = _family("qmv", ("w", "scales", "biases"), glu=False)
+QMV_GLU = _family("qmv_glu", ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up"), glu=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from .family import KernelFamily
 from .qmm import QMM, QMM_GLU
-from .qmv import QMV
+from .qmv import QMV, QMV_GLU
 
-FAMILIES: dict[str, KernelFamily] = {f.name: f for f in (QMV, QMM, QMM_GLU)}
+FAMILIES: dict[str, KernelFamily] = {f.name: f for f in (QMV, QMV_GLU, QMM, QMM_GLU)}
 
 
 def families() -> list[KernelFamily]:
@@ -73,6 +73,12 @@ def _build(fam):
                 return ops.gather_qmm(case.x_unsorted, w, s, b, case.idx_unsorted, **q, family="qmv",
                                       config=config, validate=False, backend=case.backend)
             return call
+        if fam.name == "qmv_glu":
+            def call():
+                (wg, sg, bg), (wu, su, bu) = nxt(), nxt()
+                return ops.gather_qmm_glu(case.x_unsorted, wg, sg, bg, wu, su, bu, case.idx_unsorted, **q,
+                                          family="qmv_glu", config=config, validate=False, backend=case.backend)
+            return call
         plan = _sorted_plan(case)
         if fam.name == "qmm_glu":
             def call():
@@ -121,8 +127,9 @@ def _register_sweep() -> None:
     except ImportError:  # a build without the sweep module
         return
     for fam in families():
-        nbytes = (lambda case: 2 * case.weight_bytes) if fam.name == "qmm_glu" else None
-        flops = (lambda case: 4.0 * case.rows * case.problem.k * case.problem.n) if fam.name == "qmm_glu" else None
+        glu = fam.name.endswith("_glu")  # two weight sets: twice the bytes and flops
+        nbytes = (lambda case: 2 * case.weight_bytes) if glu else None
+        flops = (lambda case: 4.0 * case.rows * case.problem.k * case.problem.n) if glu else None
         sweep.register(sweep.SweepKernel(f"tuned.{fam.name}", _configs(fam), _build(fam), check=_check(fam),
                                          nbytes=nbytes, flops=flops, family=fam))
     sweep.register(sweep.SweepKernel("tuned.auto", _auto_config, _build_auto))
