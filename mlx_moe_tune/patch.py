@@ -120,7 +120,8 @@ class TunedSwitchGLU(SwitchGLU):
     """
 
     @classmethod
-    def from_module(cls, src: SwitchGLU, backend=None, table=None, fuse: bool = True) -> "TunedSwitchGLU":
+    def from_module(cls, src: SwitchGLU, backend=None, table=None, fuse: bool = True,
+                    compile: bool | None = None) -> "TunedSwitchGLU":
         new = _rebuild(cls, src)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = new[name]
@@ -135,6 +136,7 @@ class TunedSwitchGLU(SwitchGLU):
             and hasattr(_ops(), "gather_qmm_glu")
         )
         new._mmt_backend = backend
+        new._mmt_compile = _compiles(backend) if compile is None else bool(compile)
         return new
 
     @property
@@ -146,6 +148,22 @@ class TunedSwitchGLU(SwitchGLU):
         g, u, d = self["gate_proj"], self["up_proj"], self["down_proj"]
         if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
             return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
+        if indices.size < COMPILE_MAX_PAIRS and getattr(self, "_mmt_compile", False):
+            # Decode: the host time to build this layer's graph (Python + one custom-kernel call
+            # per launch) outweighed the kernel time saved (H200: 78 us vs stock's 18 us per
+            # layer, sweeps/results/h200/decode/); a compiled function replays the graph instead.
+            # inputs=self.state: the weights are read live at every call (load_weights is safe).
+            try:
+                fn = self.__dict__.get("_mmt_compiled")
+                if fn is None:
+                    fn = self._mmt_compiled = mx.compile(self._forward, inputs=self.state)
+                return fn(x, indices)
+            except Exception as e:  # noqa: BLE001 - a backend whose kernels cannot be traced
+                self._mmt_compile, self._mmt_compile_error = False, f"{type(e).__name__}: {e}"
+        return self._forward(x, indices)
+
+    def _forward(self, x, indices) -> mx.array:
+        g, u, d = self["gate_proj"], self["up_proj"], self["down_proj"]
         from .kernels.plan import SharedPlan
 
         xe = mx.expand_dims(x, (-2, -3))
@@ -166,16 +184,33 @@ class TunedSwitchGLU(SwitchGLU):
         return d(h, indices, plan=plan).squeeze(-2)
 
 
+COMPILE_MAX_PAIRS = 64  # mlx-lm's own sort threshold: below it a SwitchGLU call is decode-sized
+
+
+def _compiles(backend) -> bool:
+    """Whether the decode path is compiled by default: on a real GPU backend only (the emulator
+    runs kernels eagerly on host arrays, which a compile trace does not have)."""
+    from .backend import get_backend
+
+    try:
+        return not get_backend(backend).emulated
+    except (ValueError, RuntimeError):
+        return False
+
+
 def _named(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if type(m) is cls]
 
 
-def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True) -> int:
+def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True,
+                compile: bool | None = None) -> int:
     """Swap our kernels into every MoE layer of an mlx-lm model, in place.
 
     backend: a `mlx_moe_tune.backend` name or Backend (default: the GPU, else the emulator).
     table: a tuning-table directory searched before ops' own lookup (user dir, shipped tables).
     fuse: run gate+up as one fused kernel where the activation is SwiGLU.
+    compile: replay decode-sized SwitchGLU calls (< COMPILE_MAX_PAIRS pairs) through mx.compile,
+    which removes the per-call host cost of building the graph (default: on a real GPU).
     Returns how many `QuantizedSwitchLinear` projections now run our kernels (layers whose
     format the kernels do not cover are left on mx.gather_qmm and not counted).
     """
@@ -187,7 +222,7 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
     inside = set()
     for path, m in _named(model, SwitchGLU):
         if any(isinstance(m[n], QuantizedSwitchLinear) for n in ("gate_proj", "up_proj", "down_proj")):
-            swaps.append((path, TunedSwitchGLU.from_module(m, backend, table, fuse)))
+            swaps.append((path, TunedSwitchGLU.from_module(m, backend, table, fuse, compile)))
             inside.add(path)
     for path, m in _named(model, QuantizedSwitchLinear):
         if path.rsplit(".", 1)[0] not in inside:

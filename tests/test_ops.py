@@ -153,11 +153,15 @@ def test_seed_shape_vs_mx():
 
 
 @pytest.mark.gpu
-def test_glu_vs_two_calls():
-    E, K, N = 16, 512, 200
+@pytest.mark.parametrize("T,E,k", [(50, 16, 4), (1, 128, 8), (3, 64, 4)], ids=["batch", "decode", "decode-3"])
+def test_glu_vs_two_calls(T, E, k):
+    """Both paths of gather_qmm_glu vs two mx.gather_qmm: batch (two calls below FUSED_MIN_M) and
+    decode (the fused qmv_glu kernel)."""
+    K, N = 512, 200
     (wg, sg, bg), (wu, su, bu) = _weights(E, N, K, seed=1), _weights(E, N, K, seed=2)
-    idx = mx.array(np.random.default_rng(0).integers(0, E, size=(50, 4)).astype(np.int32))
-    x = mx.random.normal((50, 1, 1, K)).astype(mx.bfloat16)
+    rng = np.random.default_rng(0)
+    idx = mx.array(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32))
+    x = mx.random.normal((T, 1, 1, K)).astype(mx.bfloat16)
     g = mx.gather_qmm(x, wg, sg, bg, rhs_indices=idx, transpose=True).astype(mx.float32)
     u = mx.gather_qmm(x, wu, su, bu, rhs_indices=idx, transpose=True).astype(mx.float32)
     ref = np.asarray(g * mx.sigmoid(g) * u)

@@ -236,3 +236,36 @@ def test_real_kernels():
     assert isinstance(ops, types.ModuleType) and n == 3
     for L, r in ref.items():
         _assert_close(_logits(model, L), r, tol=0.05)
+
+
+class _TraceableOps(FakeOps):
+    """FakeOps without its host-side plan check, so a compile trace can run through it."""
+
+    def _check(self, x, indices, mode, plan):
+        if mode != "affine":
+            raise ValueError(f"mode {mode!r} is not supported (affine only)")
+
+
+def test_compiled_decode_follows_live_weights(monkeypatch):
+    """Decode-sized SwitchGLU calls replay through mx.compile (compile=True; the default on a real
+    GPU): same logits as stock, no fallback, and weights replaced after the first call are the
+    ones used (the compiled function reads the module state at every call)."""
+    ops_ = _TraceableOps()
+    monkeypatch.setattr(patch, "_ops", lambda: ops_)
+    model = _model("qwen3_moe", layers=1)
+    ref = _logits(model, 1)
+    patch.patch_model(model, compile=True)
+    glu = model.layers[0].mlp.switch_mlp
+    _assert_close(_logits(model, 1), ref, tol=0.05)
+    assert glu._mmt_compile and "_mmt_compiled" in glu.__dict__, getattr(glu, "_mmt_compile_error", None)
+    traced = len(ops_.calls)
+    _logits(model, 1)
+    assert len(ops_.calls) == traced  # replayed: no Python op calls on the second decode step
+    # new down-projection weights (a different quantized matrix) must change the output
+    d = glu["down_proj"]
+    w = mx.random.normal((d["weight"].shape[0], d["weight"].shape[1], d.input_dims), key=mx.random.key(7))
+    wq, s, b = mx.quantize(w, group_size=d.group_size, bits=d.bits)
+    d.update({"weight": wq, "scales": s.astype(d["scales"].dtype), "biases": b.astype(d["biases"].dtype)})
+    patched_new = _logits(model, 1)
+    patch.unpatch(model)
+    _assert_close(patched_new, _logits(model, 1), tol=0.05)
