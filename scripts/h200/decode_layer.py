@@ -39,8 +39,9 @@ def main(out: Path) -> None:
     for name, layer in layers.items():
         def chain():
             y = x0
-            for i in range(CHAIN):  # renormalize so values stay finite along the chain
-                y = layer(y, idx[i]).sum(axis=-2) * 0.05
+            for i in range(CHAIN):  # rms-normalize so values stay finite along the chain
+                y = layer(y, idx[i]).sum(axis=-2)
+                y = (y * mx.rsqrt(mx.mean(mx.square(y.astype(mx.float32))) + 1e-6) * 0.1).astype(mx.bfloat16)
             return y
         mx.eval(chain())
         builds, runs = [], []
