@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from ..backend import Backend
 from ..sources import read_source
+from .common import template_args
 
 Config = Mapping[str, int]
 
@@ -89,6 +90,30 @@ class KernelFamily:
             )
             self._cache[key] = factory(**kwargs)
         return self._cache[key]
+
+
+WEIGHTS = ("w", "scales", "biases")
+GLU_WEIGHTS = ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up")
+_HEADERS = {"cuda": ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh"), "metal": ("metal/mmt_gather.h",)}
+_SUFFIX = {"cuda": "cu", "metal": "metal"}
+
+
+def gather_families(name: str, index_inputs: tuple[str, ...], space, check, launch) -> tuple[KernelFamily, KernelFamily]:
+    """A gather kernel family and its fused SwiGLU twin `<name>_glu`: they differ only in their
+    weight inputs (one set, or gate and up), their body source and `check(..., glu=)`."""
+    def make(fname: str, weights: tuple[str, ...], glu: bool) -> KernelFamily:
+        return KernelFamily(
+            name=fname,
+            input_names=("x", *weights, *index_inputs),
+            output_names=("y",),
+            sources={d: DialectSource(f"{d}/{fname}.{_SUFFIX[d]}", h) for d, h in _HEADERS.items()},
+            space=space,
+            check=lambda p, c, b: check(p, c, b, glu=glu),
+            launch=launch,
+            template=lambda problem, config: template_args(problem, config),
+        )
+
+    return make(name, WEIGHTS, False), make(f"{name}_glu", GLU_WEIGHTS, True)
 
 
 def config_id(config: Config) -> str:

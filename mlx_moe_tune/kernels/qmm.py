@@ -17,9 +17,8 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import (CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda,
-                     template_args)
-from .family import DialectSource, KernelFamily, Launch
+from .common import CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda
+from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "BM": (8, 16, 32, 64),
@@ -29,7 +28,6 @@ CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "MC": (4,),
     "KU": (1, 2),
 }
-_HEADERS = ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")
 
 
 def _threads(config: Mapping[str, int]) -> int:
@@ -92,22 +90,5 @@ def _launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
     return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
 
 
-def _family(name: str, weight_inputs: tuple[str, ...], glu: bool) -> KernelFamily:
-    """qmm and qmm_glu differ only in their weight inputs and the epilogue (the source)."""
-    return KernelFamily(
-        name=name,
-        input_names=("x", *weight_inputs, "order", "offsets"),
-        output_names=("y",),
-        sources={
-            "cuda": DialectSource(f"cuda/{name}.cu", _HEADERS),
-            "metal": DialectSource(f"metal/{name}.metal", ("metal/mmt_gather.h",)),
-        },
-        space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
-        check=lambda p, c, b: _check(p, c, b, glu=glu),
-        launch=_launch,
-        template=lambda problem, config: template_args(problem, config),
-    )
-
-
-QMM = _family("qmm", ("w", "scales", "biases"), glu=False)
-QMM_GLU = _family("qmm_glu", ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up"), glu=True)
+QMM, QMM_GLU = gather_families("qmm", ("order", "offsets"), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
+                                _check, _launch)

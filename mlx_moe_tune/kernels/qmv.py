@@ -16,8 +16,8 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, template_args
-from .family import DialectSource, KernelFamily, Launch
+from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda
+from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "FN": (1, 2),
@@ -67,22 +67,5 @@ def launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
     return Launch((threads * _cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
 
 
-def _family(name: str, weight_inputs: tuple[str, ...], glu: bool) -> KernelFamily:
-    """qmv and qmv_glu differ only in their weight inputs and the epilogue (the source)."""
-    return KernelFamily(
-        name=name,
-        input_names=("x", *weight_inputs, "idx"),
-        output_names=("y",),
-        sources={
-            "cuda": DialectSource(f"cuda/{name}.cu", ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh")),
-            "metal": DialectSource(f"metal/{name}.metal", ("metal/mmt_gather.h",)),
-        },
-        space={"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
-        check=lambda p, c, b: _check(p, c, b, glu=glu),
-        launch=launch,
-        template=lambda problem, config: template_args(problem, config),
-    )
-
-
-QMV = _family("qmv", ("w", "scales", "biases"), glu=False)
-QMV_GLU = _family("qmv_glu", ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up"), glu=True)
+QMV, QMV_GLU = gather_families("qmv", ("idx",), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
+                                _check, launch)
