@@ -11,7 +11,9 @@ from mlx_moe_tune.kernels.plan import make_plan
 
 
 def _weights(E=4, N=72, K=256, bits=4, gs=64, dtype=mx.bfloat16, seed=0):
-    w = mx.array(np.random.default_rng(seed).standard_normal((E, N, K)).astype(np.float32))
+    # drawn by MLX (on the GPU where there is one): the seed shape is 507M values, which numpy
+    # would draw as 4 GB of float64 on the host first
+    w = mx.random.normal((E, N, K), key=mx.random.key(seed))
     wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
     return wq, s.astype(dtype), b.astype(dtype)
 

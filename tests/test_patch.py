@@ -218,7 +218,7 @@ def test_e2e_compare_smoke(fake_ops):
     assert res["patched_layers"] == 3 and not res["unpatched_reasons"]
     for side in ("stock", "patched"):
         assert res[side]["prefill_tps"] > 0 and res[side]["decode_tps"] > 0
-    assert res["max_logit_diff"] < 0.5
+    assert res["max_logit_diff"] < 0.5 and res["max_logit_diff_1_token"] < 0.5
     assert type(model.layers[0].mlp.switch_mlp) is SwitchGLU  # unpatched again
 
 
@@ -236,6 +236,32 @@ def test_real_kernels():
     assert isinstance(ops, types.ModuleType) and n == 3
     for L, r in ref.items():
         _assert_close(_logits(model, L), r, tol=0.05)
+    glu = model.layers[0].mlp.switch_mlp
+    if gpu_backend():  # the 1-token step ran the compiled decode path, with no fallback
+        assert glu._mmt_compile and "_mmt_compiled" in glu.__dict__, getattr(glu, "_mmt_compile_error", None)
+
+
+@pytest.mark.gpu
+def test_compiled_decode_on_gpu():
+    """The default decode path on a GPU (qmv_glu + qmv through mx.compile) against stock logits,
+    step by step with the KV cache, as generation runs it."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _model(layers=2)
+    toks = mx.random.randint(0, 256, (1, 6), key=mx.random.key(3))
+
+    def steps():
+        cache = make_prompt_cache(model)
+        model(toks[:, :2], cache=cache)
+        return [np.array(model(toks[:, i:i + 1], cache=cache).astype(mx.float32)) for i in range(2, 6)]
+
+    ref = steps()
+    patch.patch_model(model)
+    got = steps()
+    glu = model.layers[0].mlp.switch_mlp
+    assert glu._mmt_compile and "_mmt_compiled" in glu.__dict__, getattr(glu, "_mmt_compile_error", None)
+    for g, r in zip(got, ref):
+        _assert_close(g, r, tol=0.05)
 
 
 class _TraceableOps(FakeOps):
