@@ -115,6 +115,9 @@ heuristic falls behind the tuned choice on shapes held back from it."""
 LOAD_TABLES = '''\
 TABLES = Path(os.environ.get("MLX_MOE_TUNE_REPORT_TABLES", tables.SHIPPED_DIR))
 shipped = [t for t, err in tables.load_dir(TABLES) if t is not None]
+if (TUNE / "tune.csv").exists():  # tables of the device these results come from (H100, H200, ...)
+    devices = set(pd.read_csv(TUNE / "tune.csv", usecols=["device"]).device.dropna())
+    shipped = [t for t in shipped if t.device in devices] or shipped
 if not shipped:
     print(f"No tuning table is shipped in {TABLES} yet: the H100 tune run was not made in this session.\\n"
           "The sections below fall back to the committed per-config H100 sweeps where they can.")
