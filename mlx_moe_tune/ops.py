@@ -19,7 +19,7 @@ from .kernels import registry
 from .kernels.common import dtype_name, template_args
 from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
-from .kernels.plan import Plan, SharedPlan, as_plan, make_plan  # noqa: F401 (SharedPlan: re-export)
+from .kernels.plan import Plan, as_plan, make_plan
 
 
 def _layout(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, int, tuple[int, ...]]:
@@ -151,39 +151,33 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
     return fam, dict(config), source
 
 
-def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
+def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> dict:
+    """Kernel-call keywords of one (family, tile, problem), less inputs and output dtypes."""
     launch = fam.launch(problem, config, backend)
-    kwargs = dict(
-        inputs=inputs,
-        template=template_args(problem, config, x_div),
-        grid=launch.grid,
-        threadgroup=launch.threadgroup,
-        output_shapes=[(problem.rows, problem.n)],
-        output_dtypes=[inputs[0].dtype],
-    )
+    kwargs = dict(template=template_args(problem, config, x_div), grid=launch.grid,
+                  threadgroup=launch.threadgroup, output_shapes=[(problem.rows, problem.n)])
     if launch.shared_memory and not backend.emulated and backend.dialect == "cuda":
         kwargs["shared_memory"] = launch.shared_memory
-    (y,) = fam.kernel(backend)(**kwargs)
+    return kwargs
+
+
+def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
+    """One launch with a given tile (A/B scripts; the op itself memoizes _launch_kwargs)."""
+    (y,) = fam.kernel(backend)(inputs=inputs, output_dtypes=[inputs[0].dtype],
+                               **_launch_kwargs(fam, problem, config, backend, x_div))
     return y
 
 
-def _prepare(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, validate, m,
-             w_extra=()):
+def _prepare(x, w, scales, biases, indices, group_size, bits, mode, backend, m, w_extra=()):
     b = get_backend(backend)
     E, N, K = _validate(x, w, scales, biases, indices, group_size, bits, mode)
     for wx, sx, bx in w_extra:
         if tuple(wx.shape) != tuple(w.shape) or tuple(sx.shape) != tuple(scales.shape) or tuple(bx.shape) != tuple(biases.shape):
             raise ValueError("gate and up weights must have the same shapes")
     x2, flat, x_div, batch = _layout(x, indices)
-    if flat.dtype != mx.int32:  # an astype to the same dtype would still be a graph node
-        flat = flat.astype(mx.int32)
-    if validate:
-        _check_range(flat, E)
-    P = flat.size
-    problem = Problem(experts=E, k=K, n=N, rows=P, bits=bits, group_size=group_size, mode=mode,
+    problem = Problem(experts=E, k=K, n=N, rows=flat.size, bits=bits, group_size=group_size, mode=mode,
                       dtype=dtype_name(x.dtype), m=m)
-    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
-    return b, problem, x2, flat, x_div, batch, cast
+    return b, problem, x2, x_div, batch
 
 
 def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, indices: mx.array, *,
@@ -311,9 +305,8 @@ _SPECS: dict = {}
 
 def _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, family, backend, m):
     (w, scales, biases), glu = wsets[0], len(wsets) > 1
-    b, problem, x2, flat, x_div, batch, _ = _prepare(
-        x, w, scales, biases, indices, group_size, bits, mode, sorted_indices, backend, False, m,
-        w_extra=wsets[1:])
+    b, problem, x2, x_div, batch = _prepare(x, w, scales, biases, indices, group_size, bits, mode, backend, m,
+                                            w_extra=wsets[1:])
     out_shape = (*batch, 1, problem.n)
     materialize = tuple(indices.shape) != batch or (x_div == 1 and tuple(x.shape[:-2]) != batch)
     if problem.rows == 0:
@@ -323,9 +316,5 @@ def _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
     if (glu and fam.name == "qmm_glu" and config is None and family is None
             and problem.rows_per_expert < FUSED_MIN_M):
         return _Spec(problem, b, None, {}, x2.shape[0], materialize, out_shape, None, source)
-    launch = fam.launch(problem, cfg, b)
-    kwargs = dict(template=template_args(problem, cfg, x_div), grid=launch.grid, threadgroup=launch.threadgroup,
-                  output_shapes=[(problem.rows, problem.n)])
-    if launch.shared_memory and not b.emulated and b.dialect == "cuda":
-        kwargs["shared_memory"] = launch.shared_memory
-    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source)
+    return _Spec(problem, b, fam, _launch_kwargs(fam, problem, cfg, b, x_div), x2.shape[0], materialize,
+                 out_shape, cfg, source)

@@ -63,36 +63,23 @@ def _check(fam):
 
 
 def _build(fam):
-    from .. import ops
+    glu = fam.name.endswith("_glu")  # gate and up: two weight copies per call, the fused op
+    decode = "idx" in fam.input_names  # qmv reads expert ids: mlx-lm's per-token layout
 
     def build(case, config):
+        from .. import ops  # imported lazily: ops imports this registry
+
+        op = ops.gather_qmm_glu if glu else ops.gather_qmm
         nxt, q = case.rotation(), case.quant
-        if fam.name == "qmv":
-            def call():
-                w, s, b = nxt()
-                return ops.gather_qmm(case.x_unsorted, w, s, b, case.idx_unsorted, **q, family="qmv",
-                                      config=config, validate=False, backend=case.backend)
-            return call
-        if fam.name == "qmv_glu":
-            def call():
-                (wg, sg, bg), (wu, su, bu) = nxt(), nxt()
-                return ops.gather_qmm_glu(case.x_unsorted, wg, sg, bg, wu, su, bu, case.idx_unsorted, **q,
-                                          family="qmv_glu", config=config, validate=False, backend=case.backend)
-            return call
-        plan = _sorted_plan(case)
-        if fam.name == "qmm_glu":
-            def call():
-                (wg, sg, bg), (wu, su, bu) = nxt(), nxt()
-                return ops.gather_qmm_glu(case.x_sorted, wg, sg, bg, wu, su, bu, case.idx_sorted, **q,
-                                          sorted_indices=True, config=config, plan=plan, validate=False,
-                                          backend=case.backend)
-            return call
+        if decode:
+            x, idx, extra = case.x_unsorted, case.idx_unsorted, {}
+        else:
+            x, idx, extra = case.x_sorted, case.idx_sorted, dict(sorted_indices=True, plan=_sorted_plan(case))
 
         def call():
-            w, s, b = nxt()
-            return ops.gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, **q, sorted_indices=True,
-                                  family=fam.name, config=config, plan=plan, validate=False,
-                                  backend=case.backend)
+            weights = [a for _ in range(2 if glu else 1) for a in nxt()]
+            return op(x, *weights, idx, **q, family=fam.name, config=config, validate=False,
+                      backend=case.backend, **extra)
         return call
 
     return build
