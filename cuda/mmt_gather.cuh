@@ -15,6 +15,8 @@
 // one scale and bias per row. Packed word j of that chunk yields the pairs
 // (q_i, q_{i+VPW/2}), i < VPW/2 (one mask picks both: the magic-number conversion below), and
 // x is loaded with the same permutation (VPW contiguous values, recombined with byte permutes).
+// The shared-memory x path (4-bit, BM >= 16) keeps x in natural order instead and permutes W
+// (dequant_word_nat4): there a warp reads CG x words per W word, so the permute belongs on W.
 //
 // Dequantization of a pair (4-bit, bf16): ((w >> 4i) & 0x000F000F) | 0x43004300 is the bf16 pair
 // (128 + q_i, 128 + q_{i+4}); subtract 128 (exact), then one bf16x2 fma with (scale, bias):
@@ -137,6 +139,22 @@ __device__ inline void dequant_word(uint32_t wq, uint32_t s2, uint32_t b2, float
       const float hi = __uint_as_float((u >> 16) | 0x4b000000u) - 8388608.0f;
       out[i] = Tr::pack(fmaf(lo, sf, bf), fmaf(hi, sf, bf));
     }
+  }
+}
+
+// Natural-order pairs (q_{2i}, q_{2i+1}) of a 4-bit word, for the shared-memory x path: x pairs
+// are then the tile's consecutive values as loaded (no byte permutes per x word, and a warp's x
+// words outnumber its W words CG / (2 FN) to one), at one SHF and one PRMT per pair more on W.
+// PRMT puts byte i of wq (q_{2i} in its low nibble) in byte 0 and byte i of wq >> 4 (q_{2i+1})
+// in byte 2; the mask keeps bits 0-3 and 16-19, as in dequant_word.
+template <typename T>
+__device__ inline void dequant_word_nat4(uint32_t wq, uint32_t s2, uint32_t b2, uint32_t (&out)[4]) {
+  using Tr = Pair<T>;
+  const uint32_t hi = wq >> 4;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const uint32_t u = and_or<0x000F000Fu, Tr::kMagic>(__byte_perm(wq, hi, 0x0400u | (0x0101u * i)));
+    out[i] = Tr::fma(Tr::sub(u, Tr::kMagic), s2, b2);
   }
 }
 
@@ -269,18 +287,20 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
 #pragma unroll
         for (int f = 0; f < FN; f++)
 #pragma unroll
-          for (int h = 0; h < 2; h++)
-            dequant_word<T, BITS>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], sf[s][f][h],
-                                  bf[s][f][h], a[s][f][h]);
+          for (int h = 0; h < 2; h++) {
+            if constexpr (XS)  // natural k order (4-bit only), x used as loaded below
+              dequant_word_nat4<T>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], a[s][f][h]);
+            else
+              dequant_word<T, BITS>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], sf[s][f][h],
+                                    bf[s][f][h], a[s][f][h]);
+          }
 #pragma unroll
       for (int c = 0; c < CG; c++) {
         uint32_t xp[Q::PPW];
-        if constexpr (XS) {
-          uint32_t X[Q::VPW / 2];
+        if constexpr (XS) {  // natural order: the 8 values of granule 4*tig + j are the 4 pairs
           const int r = 8 * c + g;
           load_words<Q::VPW / 2>(reinterpret_cast<const uint32_t*>(
-              xs + XT::buf(kb) * XT::TILE + XT::phys(r, 4 * tig + j)), X);
-          x_pairs<Q::VPW>(X, xp);
+              xs + XT::buf(kb) * XT::TILE + XT::phys(r, 4 * tig + j)), xp);
         } else if constexpr (XPF) {
           x_pairs<Q::VPW>(ch.x[c][j], xp);
         } else {

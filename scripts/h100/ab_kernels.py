@@ -7,6 +7,7 @@ rounds; the median over rounds is kept. Writes OUT/ab.csv.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +29,17 @@ POINTS = {  # m -> configs (family:config) of the previous tune's top of that bu
     64: ["qmm:BM64_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU1"],
 }
 
+# The H200 tune's top configs (sweeps/results/h200/tune/tune.csv); BM8 and qmv rows are controls
+# where a change touches only the shared-x path (BM >= 16). AB_POINTS=h200 picks these.
+H200_POINTS = {
+    1: ["qmv:FN2_WN2_WK2_KU1"],
+    8: ["qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN2_WN4_WK1_MC4_KU1"],
+    16: ["qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM16_FN2_WN4_WK1_MC4_KU1"],
+    32: ["qmm:BM32_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU2", "qmm:BM32_FN1_WN4_WK1_MC4_KU1"],
+    64: ["qmm:BM64_FN2_WN4_WK1_MC4_KU1", "qmm:BM64_FN1_WN4_WK1_MC4_KU1"],
+}
+if os.environ.get("AB_POINTS") == "h200":
+    POINTS = H200_POINTS
 
 SHAPE = (128, 2816, 1408)  # E, K, N
 
