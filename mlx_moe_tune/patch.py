@@ -121,7 +121,7 @@ class TunedSwitchGLU(SwitchGLU):
 
     @classmethod
     def from_module(cls, src: SwitchGLU, backend=None, table=None, fuse: bool = True,
-                    compile: bool | None = None) -> "TunedSwitchGLU":
+                    compile: bool = False) -> "TunedSwitchGLU":
         new = _rebuild(cls, src)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = new[name]
@@ -136,7 +136,7 @@ class TunedSwitchGLU(SwitchGLU):
             and hasattr(_ops(), "gather_qmm_glu")
         )
         new._mmt_backend = backend
-        new._mmt_compile = _compiles(backend) if compile is None else bool(compile)
+        new._mmt_compile = bool(compile)  # opt-in: see patch_model
         return new
 
     @property
@@ -149,10 +149,9 @@ class TunedSwitchGLU(SwitchGLU):
         if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
             return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
         if indices.size < COMPILE_MAX_PAIRS and getattr(self, "_mmt_compile", False):
-            # Decode: the host time to build this layer's graph (Python + one custom-kernel call
-            # per launch) outweighed the kernel time saved (H200: 78 us vs stock's 18 us per
-            # layer, sweeps/results/h200/decode/); a compiled function replays the graph instead.
-            # inputs=self.state: the weights are read live at every call (load_weights is safe).
+            # Decode, opt-in (patch_model(compile=True)): the host time to build this layer's graph
+            # outweighs the kernel time saved (H200: 55 us vs stock's 24 us per layer), and a
+            # compiled function replays it instead. inputs=self.state: the weights are read live.
             try:
                 fn = self.__dict__.get("_mmt_compiled")
                 if fn is None:
@@ -187,30 +186,23 @@ class TunedSwitchGLU(SwitchGLU):
 COMPILE_MAX_PAIRS = 64  # mlx-lm's own sort threshold: below it a SwitchGLU call is decode-sized
 
 
-def _compiles(backend) -> bool:
-    """Whether the decode path is compiled by default: on a real GPU backend only (the emulator
-    runs kernels eagerly on host arrays, which a compile trace does not have)."""
-    from .backend import get_backend
-
-    try:
-        return not get_backend(backend).emulated
-    except (ValueError, RuntimeError):
-        return False
-
-
 def _named(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if type(m) is cls]
 
 
 def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True,
-                compile: bool | None = None) -> int:
+                compile: bool = False) -> int:
     """Swap our kernels into every MoE layer of an mlx-lm model, in place.
 
     backend: a `mlx_moe_tune.backend` name or Backend (default: the GPU, else the emulator).
     table: a tuning-table directory searched before ops' own lookup (user dir, shipped tables).
     fuse: run gate+up as one fused kernel where the activation is SwiGLU.
     compile: replay decode-sized SwitchGLU calls (< COMPILE_MAX_PAIRS pairs) through mx.compile,
-    which removes the per-call host cost of building the graph (default: on a real GPU).
+    which removes the per-call host cost of building the graph. EXPERIMENTAL and off by default:
+    on the H200 (MLX 0.32.4 CUDA) the compiled decode steps gave wrong logits (relative error
+    1.12 against stock, tests/test_patch.py::test_decode_steps_on_gpu[compiled]), although the
+    same Python path under mx.compile with a traceable stand-in for the kernels matches on the
+    CPU. The emulator cannot be traced (it runs kernels eagerly on host arrays): it falls back.
     Returns how many `QuantizedSwitchLinear` projections now run our kernels (layers whose
     format the kernels do not cover are left on mx.gather_qmm and not counted).
     """

@@ -87,19 +87,22 @@ def test_sources_exist():
 
 
 def test_every_shipped_config_on_emulator():
-    """All configs of all four families, one test process, one shape (compiles are cached)."""
+    """All configs of all families, one test process, one shape (compiles are cached), at group
+    size 64 (the shipped models' format: a lane's 32-value chunk is half a group) and 32 (a whole
+    group)."""
     backend = _emulator_cuda()
-    case = selftest.Case("ragged", counts=(0, 1, 5, 37), k=256, n=72)
+    cases = [selftest.Case(f"ragged-gs{gs}", counts=(0, 1, 5, 37), k=256, n=72, group_size=gs) for gs in (64, 32)]
     fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
-    results = selftest.selftest(fams, backend, [case], check=True)
-    expected = sum(len(f.valid_configs(case.problem(), backend)) for f in fams)
+    results = selftest.selftest(fams, backend, cases, check=True)
+    expected = sum(len(f.valid_configs(c.problem(), backend)) for f in fams for c in cases)
     assert len(results) == expected
     bad = [selftest.format_row(r) for r in results if not r.ok]
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("bits,gs,dtype,x_div", [(4, 32, "float16", 2), (8, 64, "bfloat16", 1),
-                                                  (2, 128, "float16", 1), (8, 32, "float16", 3)])
+                                                  (2, 128, "float16", 1), (8, 32, "float16", 3),
+                                                  (4, 128, "float16", 2)])
 def test_formats_on_emulator(bits, gs, dtype, x_div):
     backend = _emulator_cuda()
     counts = (3, 0, 1, 2) if x_div != 3 else (2, 1, 0, 3)

@@ -237,29 +237,47 @@ def test_real_kernels():
     for L, r in ref.items():
         _assert_close(_logits(model, L), r, tol=0.05)
     glu = model.layers[0].mlp.switch_mlp
-    if gpu_backend():  # the 1-token step ran the compiled decode path, with no fallback
-        assert glu._mmt_compile and "_mmt_compiled" in glu.__dict__, getattr(glu, "_mmt_compile_error", None)
+    assert "_mmt_compiled" not in glu.__dict__  # the compiled decode path is opt-in
+
+
+def _decode_steps(model):
+    """Logits of 4 one-token steps with the KV cache after a 2-token prompt, as generation runs."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    toks = mx.random.randint(0, 256, (1, 6), key=mx.random.key(3))
+    cache = make_prompt_cache(model)
+    model(toks[:, :2], cache=cache)
+    return [np.array(model(toks[:, i:i + 1], cache=cache).astype(mx.float32)) for i in range(2, 6)]
+
+
+def test_decode_steps_on_emulator():
+    """The default decode path (qmv_glu + qmv, uncompiled) step by step with the KV cache, on the
+    emulator running the CUDA sources, against stock logits."""
+    pytest.importorskip("mlx_moe_tune.ops", reason="mlx_moe_tune.ops (H-cuda) not present")
+    model = _model(layers=2)
+    ref = _decode_steps(model)
+    patch.patch_model(model, backend="emulator-cuda")
+    for g, r in zip(_decode_steps(model), ref):
+        _assert_close(g, r, tol=0.05)
 
 
 @pytest.mark.gpu
-def test_compiled_decode_on_gpu():
-    """The default decode path on a GPU (qmv_glu + qmv through mx.compile) against stock logits,
-    step by step with the KV cache, as generation runs it."""
-    from mlx_lm.models.cache import make_prompt_cache
-
+@pytest.mark.parametrize("compile", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "H200, MLX 0.32.4 CUDA: the compiled decode steps gave relative error 1.12 vs stock "
+        "(sweeps/results/h200/tests/gpu-tests-patch.log); the same Python path under mx.compile "
+        "with a traceable stand-in kernel matches on the CPU"))),
+], ids=["default", "compiled"])
+def test_decode_steps_on_gpu(compile):
+    """The patched decode path on a GPU, uncompiled (the default) and through mx.compile, against
+    stock logits step by step with the KV cache."""
     model = _model(layers=2)
-    toks = mx.random.randint(0, 256, (1, 6), key=mx.random.key(3))
-
-    def steps():
-        cache = make_prompt_cache(model)
-        model(toks[:, :2], cache=cache)
-        return [np.array(model(toks[:, i:i + 1], cache=cache).astype(mx.float32)) for i in range(2, 6)]
-
-    ref = steps()
-    patch.patch_model(model)
-    got = steps()
+    ref = _decode_steps(model)
+    patch.patch_model(model, compile=compile)
+    got = _decode_steps(model)
     glu = model.layers[0].mlp.switch_mlp
-    assert glu._mmt_compile and "_mmt_compiled" in glu.__dict__, getattr(glu, "_mmt_compile_error", None)
+    assert ("_mmt_compiled" in glu.__dict__) == compile, getattr(glu, "_mmt_compile_error", None)
     for g, r in zip(got, ref):
         _assert_close(g, r, tol=0.05)
 

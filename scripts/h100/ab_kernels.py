@@ -29,8 +29,9 @@ POINTS = {  # m -> configs (family:config) of the previous tune's top of that bu
     64: ["qmm:BM64_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU1"],
 }
 
-# The H200 tune's top configs (sweeps/results/h200/tune/tune.csv); BM8 and qmv rows are controls
-# where a change touches only the shared-x path (BM >= 16). AB_POINTS=h200 picks these.
+# The H200 tune's top configs (sweeps/results/h200/tune/tune.csv), AB_POINTS picks a set:
+# h200 (the shared-x path, BM >= 16; BM8 and qmv rows are controls), h200-gs (the group-sum path
+# of qmv and BM8; BM16 rows are controls).
 H200_POINTS = {
     1: ["qmv:FN2_WN2_WK2_KU1"],
     8: ["qmm:BM16_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN2_WN4_WK1_MC4_KU1"],
@@ -38,8 +39,14 @@ H200_POINTS = {
     32: ["qmm:BM32_FN2_WN4_WK1_MC4_KU1", "qmm:BM32_FN2_WN4_WK1_MC4_KU2", "qmm:BM32_FN1_WN4_WK1_MC4_KU1"],
     64: ["qmm:BM64_FN2_WN4_WK1_MC4_KU1", "qmm:BM64_FN1_WN4_WK1_MC4_KU1"],
 }
-if os.environ.get("AB_POINTS") == "h200":
-    POINTS = H200_POINTS
+H200_GS_POINTS = {
+    1: ["qmv:FN2_WN2_WK2_KU1", "qmv:FN2_WN4_WK2_KU1", "qmv:FN1_WN2_WK2_KU1", "qmv:FN2_WN2_WK4_KU1",
+        "qmm:BM8_FN2_WN4_WK1_MC4_KU1"],
+    2: ["qmm:BM8_FN2_WN4_WK1_MC4_KU1", "qmm:BM8_FN2_WN4_WK1_MC4_KU2", "qmm:BM8_FN1_WN4_WK1_MC4_KU1"],
+    4: ["qmm:BM8_FN2_WN4_WK1_MC4_KU1", "qmm:BM16_FN2_WN4_WK1_MC4_KU2"],
+    8: ["qmm:BM8_FN2_WN4_WK1_MC4_KU1", "qmm:BM16_FN2_WN4_WK1_MC4_KU2"],
+}
+POINTS = {"h200": H200_POINTS, "h200-gs": H200_GS_POINTS}.get(os.environ.get("AB_POINTS", ""), POINTS)
 
 SHAPE = (128, 2816, 1408)  # E, K, N
 

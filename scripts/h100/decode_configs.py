@@ -73,6 +73,8 @@ def main(out: Path) -> None:
         if b.name == "cuda":
             record("floor.cuda_kernel", "", lambda y, w, s, bb, i: floor_copy(y))
         record("floor.elementwise", "", lambda y, w, s, bb, i: y * 1)
+        record("op", f"{d['family']}:{d['config']}@{d['source']} (again, last)",
+               lambda y, w, s, bb, i: ops.gather_qmm(y, w, s, bb, i, **Q, validate=False))
         record("stock", "", lambda y, w, s, bb, i: mx.gather_qmm(y, w, s, bb, rhs_indices=i, transpose=True, **Q))
         del case
     keys = sorted({k for r in rows for k in r})
