@@ -3,11 +3,10 @@
 # (isolated per-shape tune), their separate-process check, and the decode chain per qmv config.
 # Results: $OUT/call6.tgz.
 set -u
+. "$(dirname "$0")/steps.sh"
 R=${R:-/tmp/res6}; mkdir -p "$R"; export PYTHONUNBUFFERED=1
 export TABLES=/tmp/tables CACHE=$R/cache.jsonl
-timeout ${T_TUNE:-270} python3 -m mlx_moe_tune.cli tune --preset gemma-26b-a4b --m 1..64x2 --backend cuda \
-  --table "$TABLES" --cache "$CACHE" -o "$R/tune" --deadline ${DEADLINE:-240} > "$R/tune.log" 2>&1
-cp -r "$TABLES" "$R/tables"
+step_tune --preset gemma-26b-a4b
 timeout ${T_CHECK:-110} python3 -m mlx_moe_tune.cli tune --check --table "$TABLES" -o "$R/check" > "$R/check.log" 2>&1
 MLX_MOE_TUNE_TABLES="$TABLES" DECODE_SHAPES=${DECODE_SHAPES:-0} timeout ${T_DEC:-100} python3 scripts/h100/decode_configs.py "$R/decode" > "$R/decode.log" 2>&1
 tar -C "$(dirname "$R")" -czf "$OUT/call6.tgz" "$(basename "$R")"
