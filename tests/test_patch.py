@@ -322,7 +322,7 @@ class _TraceableOps(FakeOps):
 
 
 def test_compiled_decode_follows_live_weights(monkeypatch):
-    """Decode-sized SwitchGLU calls replay through mx.compile (compile=True; the default on a real
+    """Decode-sized SwitchGLU calls replay through mx.compile (compile=True, opt-in; meant for a real
     GPU): same logits as stock, no fallback, and weights replaced after the first call are the
     ones used (the compiled function reads the module state at every call)."""
     ops_ = _TraceableOps()

@@ -32,7 +32,7 @@ def main(out: Path) -> None:
     idx = [mx.array(rng.choice(E, k, replace=False).reshape(1, 1, k).astype(np.uint32)) for _ in range(CHAIN)]
     x0 = (mx.random.normal((1, 1, D)) * 0.1).astype(mx.bfloat16)
     mx.eval(x0, *idx)
-    layers = {"stock": stock, "patched": patch.TunedSwitchGLU.from_module(stock),
+    layers = {"stock": stock, "patched": patch.TunedSwitchGLU.from_module(stock, compile=True),
               "patched-nocompile": patch.TunedSwitchGLU.from_module(stock, compile=False),
               "patched-nofuse-nocompile": patch.TunedSwitchGLU.from_module(stock, fuse=False, compile=False)}
     res, outs = {}, {}
