@@ -143,8 +143,9 @@ __device__ inline void dequant_word(uint32_t wq, uint32_t s2, uint32_t b2, float
 }
 
 // Natural-order pairs (q_{2i}, q_{2i+1}) of a 4-bit word, for the shared-memory x path: x pairs
-// are then the tile's consecutive values as loaded (no byte permutes per x word, and a warp's x
-// words outnumber its W words CG / (2 FN) to one), at one SHF and one PRMT per pair more on W.
+// are then the tile's consecutive values as loaded. Per k step j a warp saves 4 PRMT per x
+// granule (CG of them) and pays 2 integer ops more per W word (2 FN of them: 1 SHF + 4 PRMT
+// instead of 3 SHF), so it wins where CG > FN (measured: BM32 and BM64; BM16 FN2 even).
 // PRMT puts byte i of wq (q_{2i} in its low nibble) in byte 0 and byte i of wq >> 4 (q_{2i+1})
 // in byte 2; the mask keeps bits 0-3 and 16-19, as in dequant_word.
 template <typename T>
