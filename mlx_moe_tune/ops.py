@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .backend import Backend, get_backend
 from .kernels import registry
-from .kernels.common import dtype_name, template_args
+from .kernels.common import as_dtype, dtype_name, template_args
 from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
 from .kernels.plan import Plan, as_plan, make_plan
@@ -249,8 +249,7 @@ def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
         return mx.zeros(spec.out_shape, dtype=x.dtype)
     x2, flat, _, _ = _layout(x, indices) if spec.materialize else (
         x.reshape(spec.x_rows, spec.problem.k), indices.reshape(-1), None, None)
-    if flat.dtype != mx.int32:
-        flat = flat.astype(mx.int32)
+    flat = as_dtype(flat, mx.int32)
     if validate:
         _check_range(flat, spec.problem.experts)
     if spec.fam is None or "idx" not in spec.fam.input_names:  # the reuse kernels need the plan
@@ -263,8 +262,7 @@ def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
                   plan=plan, backend=backend, validate=False, m=m)
         g = gather_qmm(x, *wsets[0], indices, **kw)
         return _swiglu(g, gather_qmm(x, *wsets[1], indices, **kw))
-    cast = lambda a: a if a.dtype == x.dtype else a.astype(x.dtype)  # noqa: E731
-    weights = [a for w, sc, b in wsets for a in (w, cast(sc), cast(b))]
+    weights = [a for w, sc, b in wsets for a in (w, as_dtype(sc, x.dtype), as_dtype(b, x.dtype))]
     tail = [flat] if "idx" in spec.fam.input_names else [plan.order, plan.offsets]
     (y,) = spec.fam.kernel(spec.backend)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype], **spec.kwargs)
     return y.reshape(spec.out_shape)

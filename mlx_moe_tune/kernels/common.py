@@ -66,5 +66,10 @@ def template_args(problem, config: Mapping[str, int], x_div: int = 1) -> list[tu
     ]
 
 
+def as_dtype(a: mx.array, dtype) -> mx.array:
+    """`a` in `dtype`; an astype to the same dtype would still add a graph node (the decode path)."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)

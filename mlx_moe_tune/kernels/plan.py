@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from .. import routing
 from ..backend import Backend, get_backend
+from .common import as_dtype
 from .family import DialectSource, KernelFamily, Launch
 
 PLAN_THREADS = 1024
@@ -61,7 +62,7 @@ def kernel_plan(flat: mx.array, experts: int, backend: Backend | str | None = No
     if why is not None:
         raise ValueError(why)
     launch = PLAN.launch(problem, config, b)
-    order, offsets = PLAN.kernel(b)(inputs=[flat.astype(mx.int32)], template=PLAN.template(problem, config),
+    order, offsets = PLAN.kernel(b)(inputs=[as_dtype(flat, mx.int32)], template=PLAN.template(problem, config),
                                     grid=launch.grid, threadgroup=launch.threadgroup,
                                     output_shapes=[(P,), (experts + 1,)], output_dtypes=[mx.int32, mx.int32])
     return Plan(order, offsets, int(experts), P)
@@ -89,7 +90,7 @@ def make_plan(indices: mx.array, experts: int, *, sorted_indices: bool = False,
               backend: Backend | str | None = None, kernel: bool | None = None) -> Plan:
     """Plan for the flattened `indices` (any shape; pair p = flat position p). `kernel`: use the
     one-launch plan kernel (default: on a real GPU, within its limits) or MLX's argsort."""
-    flat = indices.reshape(-1).astype(mx.int32)
+    flat = as_dtype(indices.reshape(-1), mx.int32)
     if not sorted_indices:
         if kernel or (kernel is None and _use_kernel(flat.size, experts, backend)):
             return kernel_plan(flat, experts, backend)
@@ -126,10 +127,6 @@ class SharedPlan:
         return self._get().offsets
 
 
-def _int32(a: mx.array) -> mx.array:
-    return a if a.dtype == mx.int32 else a.astype(mx.int32)  # a same-dtype astype is still a node
-
-
 def as_plan(plan, experts: int, pairs: int) -> Plan:
     """Accept our Plan or any object with order/offsets (routing.Plan); check it fits the call."""
     order, offsets = getattr(plan, "order", None), getattr(plan, "offsets", None)
@@ -138,4 +135,4 @@ def as_plan(plan, experts: int, pairs: int) -> Plan:
     if order.size != pairs or offsets.size != experts + 1:
         raise ValueError(f"plan is for {order.size} pairs / {offsets.size - 1} experts, "
                          f"this call has {pairs} / {experts}")
-    return Plan(_int32(order), _int32(offsets), experts, pairs)
+    return Plan(as_dtype(order, mx.int32), as_dtype(offsets, mx.int32), experts, pairs)
