@@ -201,8 +201,9 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
     which removes the per-call host cost of building the graph. EXPERIMENTAL and off by default:
     on the H200 (MLX 0.32.4 CUDA) a 2-layer model's compiled decode steps differed from stock
     (relative logit error 1.12). A routing flip in layer 2 may explain that (its top-k router gap
-    there is 0.0004 in probability: scripts/router_gaps.py), or a compile problem may; the layer-level gpu test (tests/test_patch.py::test_switchglu_decode_on_gpu) settles it
-    and has not run yet. The same Python path under mx.compile, with a traceable stand-in for the
+    there is 0.0004 in probability: scripts/router_gaps.py), or a compile problem may; the
+    layer-level gpu test (tests/test_patch.py::test_switchglu_decode_on_gpu) settles it and has
+    not run yet. The same Python path under mx.compile, with a traceable stand-in for the
     kernels, matches on the CPU. The emulator cannot be traced (it runs kernels eagerly on host
     arrays), so there it falls back.
     Returns how many `QuantizedSwitchLinear` projections now run our kernels (layers whose

@@ -65,16 +65,15 @@ def main(out: Path) -> None:
             print(r, flush=True)
 
         d = ops.describe(mx.zeros((1, 1, 1, K), mx.bfloat16), *case.weights(0), mx.zeros((1, TOP_K), mx.int32), **Q)
-        record("op", f"{d['family']}:{d['config']}@{d['source']}",
-               lambda y, w, s, bb, i: ops.gather_qmm(y, w, s, bb, i, **Q, validate=False))
+        op = lambda y, w, s, bb, i: ops.gather_qmm(y, w, s, bb, i, **Q, validate=False)  # noqa: E731
+        record("op", f"{d['family']}:{d['config']}@{d['source']}", op)
         for c in QMV.valid_configs(p, b):
             record("qmv", config_id(c), lambda y, w, s, bb, i, c=c: ops.gather_qmm(
                 y, w, s, bb, i, **Q, family="qmv", config=c, validate=False))
         if b.name == "cuda":
             record("floor.cuda_kernel", "", lambda y, w, s, bb, i: floor_copy(y))
         record("floor.elementwise", "", lambda y, w, s, bb, i: y * 1)
-        record("op", f"{d['family']}:{d['config']}@{d['source']} (again, last)",
-               lambda y, w, s, bb, i: ops.gather_qmm(y, w, s, bb, i, **Q, validate=False))
+        record("op", f"{d['family']}:{d['config']}@{d['source']} (again, last)", op)
         record("stock", "", lambda y, w, s, bb, i: mx.gather_qmm(y, w, s, bb, rhs_indices=i, transpose=True, **Q))
         del case
     keys = sorted({k for r in rows for k in r})
