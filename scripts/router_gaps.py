@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_patch import _model  # noqa: E402
+from tests.test_patch import _decode_steps, _model  # noqa: E402
 
 
 class _Gaps:
@@ -29,17 +29,11 @@ class _Gaps:
 
 
 def main() -> None:
-    from mlx_lm.models.cache import make_prompt_cache
-
     model = _model(layers=2)
     gaps: list[dict] = []
     for i, layer in enumerate(model.layers):
         layer.mlp.gate = _Gaps(layer.mlp.gate, i, layer.mlp.top_k, gaps)
-    toks = mx.random.randint(0, 256, (1, 6), key=mx.random.key(3))
-    cache = make_prompt_cache(model)
-    model(toks[:, :2], cache=cache)
-    for i in range(2, 6):
-        model(toks[:, i:i + 1], cache=cache)
+    _decode_steps(model)  # the tests' prompt and steps
     for g in gaps:
         print(g)
 
