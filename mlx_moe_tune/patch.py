@@ -121,7 +121,7 @@ class TunedSwitchGLU(SwitchGLU):
 
     @classmethod
     def from_module(cls, src: SwitchGLU, backend=None, table=None, fuse: bool = True,
-                    compile: bool = False) -> "TunedSwitchGLU":
+                    compile: bool = True) -> "TunedSwitchGLU":
         new = _rebuild(cls, src)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = new[name]
@@ -136,7 +136,7 @@ class TunedSwitchGLU(SwitchGLU):
             and hasattr(_ops(), "gather_qmm_glu")
         )
         new._mmt_backend = backend
-        new._mmt_compile = bool(compile)  # opt-in: see patch_model
+        new._mmt_compile = bool(compile) and _traceable(backend)  # see patch_model
         return new
 
     @property
@@ -149,7 +149,7 @@ class TunedSwitchGLU(SwitchGLU):
         if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
             return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
         if indices.size < COMPILE_MAX_PAIRS and getattr(self, "_mmt_compile", False):
-            # Decode, opt-in (patch_model(compile=True)): the host time to build this layer's graph
+            # Decode (patch_model(compile=True), the default): the host time to build this layer's graph
             # outweighs the kernel time saved (H200: 55 us vs stock's 24 us per layer), and a
             # compiled function replays it instead. inputs=self.state: the weights are read live.
             try:
@@ -183,6 +183,15 @@ class TunedSwitchGLU(SwitchGLU):
         return d(h, indices, plan=plan).squeeze(-2)
 
 
+def _traceable(backend) -> bool:
+    """Whether mx.compile can trace the op's kernels on `backend`. Not the emulator's: they run
+    eagerly on host arrays, so a trace fails inside the op, and the op's ValueError fallback
+    would then trace mlx-lm's stock layers in their place, silently."""
+    from .backend import get_backend
+
+    return not get_backend(backend).emulated
+
+
 COMPILE_MAX_PAIRS = 64  # mlx-lm's own sort threshold: below it a SwitchGLU call is decode-sized
 
 
@@ -191,21 +200,19 @@ def _named(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
 
 
 def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True,
-                compile: bool = False) -> int:
+                compile: bool = True) -> int:
     """Swap our kernels into every MoE layer of an mlx-lm model, in place.
 
     backend: a `mlx_moe_tune.backend` name or Backend (default: the GPU, else the emulator).
     table: a tuning-table directory searched before ops' own lookup (user dir, shipped tables).
     fuse: run gate+up as one fused kernel where the activation is SwiGLU.
     compile: replay decode-sized SwitchGLU calls (< COMPILE_MAX_PAIRS pairs) through mx.compile,
-    which removes the per-call host cost of building the graph. EXPERIMENTAL and off by default:
-    on the H200 (MLX 0.32.4 CUDA) a 2-layer model's compiled decode steps differed from stock
-    (relative logit error 1.12). A routing flip in layer 2 may explain that (its top-k router gap
-    there is 0.0004 in probability: scripts/router_gaps.py), or a compile problem may; the
-    layer-level gpu test (tests/test_patch.py::test_switchglu_decode_on_gpu) settles it and has
-    not run yet. The same Python path under mx.compile, with a traceable stand-in for the
-    kernels, matches on the CPU. The emulator cannot be traced (it runs kernels eagerly on host
-    arrays), so there it falls back.
+    which removes the per-call host cost of building the graph (on by default). On the H200 it
+    passes the same GPU tests as the uncompiled path (tests/test_patch.py: one SwitchGLU with
+    fixed expert ids, and a model's step-by-step KV-cache decode, against stock on the CPU
+    stream). An earlier failure of that model test came from MLX's own CUDA quantized_matmul in
+    the test model's attention layers, not from this path (scripts/qlinear_probe.py). On the
+    emulator it is off (see _traceable).
     Returns how many `QuantizedSwitchLinear` projections now run our kernels (layers whose
     format the kernels do not cover are left on mx.gather_qmm and not counted).
     """

@@ -111,3 +111,15 @@ def test_formats_on_emulator(bits, gs, dtype, x_div):
     fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
     results = selftest.selftest(fams, backend, [case], check=True)
     assert results and all(r.ok for r in results), "\n".join(selftest.format_row(r) for r in results)
+
+
+def test_selftest_skips_a_format_the_cuda_kernels_do_not_take(capsys):
+    """float32 activations: every CUDA family reports the case as skipped, with the reason, and
+    echoes it (the H200 selftest of qmm_glu once counted such cases as silent failures)."""
+    backend = _emulator_cuda()
+    case = selftest.Case("f32", counts=(2, 1), k=64, n=24, group_size=64, dtype="float32")
+    fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
+    results = selftest.selftest(fams, backend, [case], echo=lambda r: print(selftest.format_row(r)))
+    assert len(results) == len(fams) and all(r.skipped and not r.ok for r in results)
+    out = capsys.readouterr().out
+    assert out.count(" skip ") == len(fams) and "float16 or bfloat16" in out and "FAIL" not in out

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared for the next session (NOT run yet): what this session's device time did not reach.
+# Third H200 session, call 9 (run with T_DEC=300 T_SELF=150 T_CHECK=110 T_E2E=120; the e2e was cut):
+# what the second session's device time did not reach.
 #   1. the decode-path gpu tests: one SwitchGLU with fixed expert ids, default and compiled (does
 #      the compiled path compute the same thing?), the 1-layer step-by-step KV-cache decode, and
 #      the fixed shipped-table test; then the rest of the gpu suite. A fresh machine spends
