@@ -426,14 +426,21 @@ def _short(e: BaseException) -> str:
     return msg[:200].replace(",", ";")
 
 
-def _git_commit() -> str | None:
+def _git_commit(here: Path | None = None) -> str | None:
+    """Short HEAD of the checkout this package runs from, with "-dirty" when tracked files differ
+    from it: a device machine gets a copy of the working tree whose HEAD can lag what runs."""
     if os.environ.get("MLX_MOE_TUNE_COMMIT"):  # copies without .git (e.g. a device machine)
         return os.environ["MLX_MOE_TUNE_COMMIT"]
+    here = here or Path(__file__).resolve().parent.parent
     try:
-        here = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        git = ["git", "-C", str(here)]
+        out = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        head = out.stdout.strip()
+        if not head:
+            return None
+        st = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                            text=True, timeout=10)
+        return head + ("-dirty" if st.returncode == 0 and st.stdout.strip() else "")
     except Exception:
         return None
 

@@ -276,3 +276,27 @@ def test_decode_chain_feeds_each_call_the_previous_output():
     assert seen == [((1, 2), 2)] * 5  # one token, top_k distinct experts per call
     y0 = mx.random.normal((1, 1, 1, case.problem.k), key=mx.random.key(0)).astype(case.dtype) * 0.01
     np.testing.assert_allclose(np.asarray(y - y0), 5.0, atol=0.05)
+
+
+def test_git_commit_marks_a_working_tree_that_differs_from_head(tmp_path, monkeypatch):
+    """The commit recorded in sweep and table metadata says "-dirty" when tracked files differ
+    from HEAD (a device machine runs a copied working tree whose HEAD can lag)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    monkeypatch.delenv("MLX_MOE_TUNE_COMMIT", raising=False)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1\n")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert sweep._git_commit(tmp_path) == head
+    (tmp_path / "b.txt").write_text("untracked files do not count\n")
+    assert sweep._git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2\n")
+    assert sweep._git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv("MLX_MOE_TUNE_COMMIT", "abc1234")
+    assert sweep._git_commit(tmp_path) == "abc1234"
