@@ -203,8 +203,12 @@ struct UseXs {
 
 // RING (shared-x path only): W comes through a ring of KU + 1 one-block register chunks instead of
 // the double buffer of KU-block steps; see the XS loop below and qmm_impl for where it is used.
+// PF > 0: each load of k block kb also prefetches into L2 the W chunks this lane will load PF of
+// its k blocks later (kb + PF * WK). The register buffers hold one step ahead; with PF the DRAM
+// requests go out earlier and that step's loads wait on L2 (H200 profiles, m=1 and m=32: latency-
+// bound at 12-24% occupancy, DRAM 39-64%). Costs one instruction per 16-byte W load, no register.
 template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK, int KU, bool XS = false,
-          int NTHREADS = 32, typename RowFn = int, bool RING = false>
+          int NTHREADS = 32, typename RowFn = int, bool RING = false, int PF = 0>
 __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
                                  int nlim, const T* const (&xrow)[CG], int wk,
                                  T* xs = nullptr, const T* x_any = nullptr, RowFn row_of = 0) {
@@ -263,6 +267,20 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
       for (int c = 0; c < CG; c++)
 #pragma unroll
         for (int j = 0; j < Q::CW; j++) load_x(kb, c, j, ch.x[c][j]);
+    }
+    if constexpr (PF > 0) {
+      const int pchunk = (kb + PF * WK) * 4 + tig;
+      if (pchunk * Q::VPL < K) {
+#pragma unroll
+        for (int s = 0; s < NWS; s++)
+#pragma unroll
+          for (int f = 0; f < FN; f++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              const int n = n0 + 16 * f + 8 * h + g;
+              if (n < nlim) prefetch_l2(ws[s].w + size_t(n) * Q::KW + pchunk * Q::CW);
+            }
+      }
     }
   };
 
@@ -500,7 +518,7 @@ __device__ inline T epilogue(float g, float u) {
 // GLU: a second weight set (w1/s1/b1) rides the same x loads and the result is silu(gate) * up
 // (decode's gate+up in one launch instead of two kernels plus the elementwise epilogue).
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int FN, int WN, int WK,
-          int KU, bool GLU = false>
+          int KU, bool GLU = false, int PF = 0>
 __device__ inline void qmv_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
                                 const uint32_t* w1, const T* s1, const T* b1,
                                 const int32_t* idx, int P, T* y, float* red) {
@@ -521,7 +539,7 @@ __device__ inline void qmv_impl(const T* x, const uint32_t* w0, const T* s0, con
   const T* xrow[1] = {g == 0 ? x + size_t(p / X_DIV) * K : nullptr};
   const int n0 = nt * BN + wn * 16 * FN;
   float acc[NWS][FN][1][4] = {};
-  warp_gemm<T, BITS, GS, K, FN, 1, NWS, WK, KU>(acc, ws, n0, ok ? N : 0, xrow, wk);
+  warp_gemm<T, BITS, GS, K, FN, 1, NWS, WK, KU, false, 32, int, false, PF>(acc, ws, n0, ok ? N : 0, xrow, wk);
   reduce_split_k<NWS * FN * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
   if (wk == 0 && tig == 0) {  // column 0 = lanes with tig 0 hold c0 (row g) and c2 (row g+8)
     T* yr = y + size_t(p) * N;
@@ -572,7 +590,7 @@ __device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& 
 }
 
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int BM, int FN, int WN,
-          int WK, int MC, int KU, bool GLU>
+          int WK, int MC, int KU, bool GLU, int PF = 0>
 __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
                                 const uint32_t* w1, const T* s1, const T* b1,
                                 const int32_t* order, const int32_t* offsets, T* y, float* red,
@@ -617,7 +635,7 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
     // qmm_glu (two weight sets) was not measured.
     constexpr bool XS = UseXs<BITS, BM>::value;
     constexpr bool RING = XS && KU == 2 && NWS == 1 && CG * FN == 4;
-    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, XS, 32 * WN * WK, decltype(row_of), RING>(
+    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, XS, 32 * WN * WK, decltype(row_of), RING, PF>(
         acc, ws, n0, N, xrow, wk, xs, x, row_of);
     reduce_split_k<NWS * FN * CG * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
     if (wk == 0) {

@@ -89,6 +89,12 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
                "l"(gmem), "r"(n));
 }
+// Hint: bring the line holding p into L2 (no register, no completion to wait for). The W stream
+// of a later k block, issued ahead of its register load (warp_gemm's PF), so that load waits on
+// L2 instead of DRAM.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

@@ -4,6 +4,6 @@
 // Inputs: x, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up, idx. Template and
 // launch as qmv.
 __shared__ float mmt_red[WK > 1 ? (WK - 1) * WN * 2 * FN * 4 * 32 : 1];
-mmt::qmv_impl<T, BITS, GS, K, N, E, X_DIV, FN, WN, WK, KU, true>(
+mmt::qmv_impl<T, BITS, GS, K, N, E, X_DIV, FN, WN, WK, KU, true, PF>(
     x, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up, idx, int(idx_shape[0]), y,
     mmt_red);

@@ -113,7 +113,7 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
         config = parse_config_id(config)
     if family is None and config is not None:
         keys = set(config)
-        family = next((n for n, f in registry.FAMILIES.items() if set(f.space.get(backend.dialect, {})) == keys
+        family = next((n for n, f in registry.FAMILIES.items() if f.takes(keys, backend.dialect)
                        and n.endswith("_glu") == glu), None)
         if family is None:
             raise ValueError(f"config {config} matches no kernel family's tile parameters")
@@ -140,19 +140,24 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
                 if "BM" in config and config["BM"] * config["FN"] > 64:  # two accumulator sets: halve the N tile
                     config = {**config, "FN": 1}
     fam = registry.get(family)
+    if config is not None and not fam.takes(config, backend.dialect):
+        raise ValueError(f"config {dict(config)} does not have {family}'s {backend.dialect} tile parameters "
+                         f"{', '.join(fam.space.get(backend.dialect, {}))}")
     if config is None:
         valid = fam.valid_configs(problem, backend)
         if not valid:
             raise ValueError(f"no valid {family} config for {problem}: {fam.check(problem, next(fam.configs(backend.dialect)), backend)}")
         config = valid[0]
-    why = fam.check(problem, dict(config), backend)
+    config = fam.complete(config, backend.dialect)
+    why = fam.check(problem, config, backend)
     if why is not None:
-        raise ValueError(f"invalid {family} config {dict(config)} for this problem: {why}")
-    return fam, dict(config), source
+        raise ValueError(f"invalid {family} config {config} for this problem: {why}")
+    return fam, config, source
 
 
 def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> dict:
     """Kernel-call keywords of one (family, tile, problem), less inputs and output dtypes."""
+    config = fam.complete(config, backend.dialect)  # e.g. a config id from before PF existed
     launch = fam.launch(problem, config, backend)
     kwargs = dict(template=template_args(problem, config, x_div), grid=launch.grid,
                   threadgroup=launch.threadgroup, output_shapes=[(problem.rows, problem.n)])

@@ -123,3 +123,27 @@ def test_selftest_skips_a_format_the_cuda_kernels_do_not_take(capsys):
     assert len(results) == len(fams) and all(r.skipped and not r.ok for r in results)
     out = capsys.readouterr().out
     assert out.count(" skip ") == len(fams) and "float16 or bfloat16" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32)])
+def test_l2_prefetch_configs_on_emulator(bits, gs):
+    """PF > 0 (L2 prefetch of later k blocks' W chunks; not in the searched space yet): the same
+    results as the numpy reference, and with the bounds check on, every prefetched address inside
+    w. K = 6 k blocks of 4-bit so that PF = 2 reaches ahead and runs off the end (2-bit gs32: a
+    lane's chunk is 8 bytes, the smallest)."""
+    backend = _emulator_cuda()
+    kb = 4 * min(gs * bits // 32, 4) * (32 // bits)  # k values per k block (mmt_gather.cuh QGeom::KB)
+    case = selftest.Case(f"pf-{bits}b-gs{gs}", counts=(0, 1, 5, 37), k=6 * kb, n=72, bits=bits, group_size=gs)
+    inputs = selftest.build_inputs(case)
+    fams = [registry.FAMILIES[n] for n in FAMILY_NAMES] if bits == 4 else [registry.FAMILIES["qmv"]]
+    bad = []
+    for fam in fams:
+        valid = fam.valid_configs(case.problem(), backend)
+        for cfg in {config_id(c): c for c in (valid[0], valid[-1])}.values():
+            cfg = {**cfg, "PF": 2}
+            assert fam.check(case.problem(), cfg, backend) is None
+            err, _ = selftest.run_config(fam, backend, case, cfg, inputs, check=True)
+            if not err <= selftest.TOLERANCE[case.dtype]:
+                bad.append(f"{fam.name} {config_id(cfg)}: {err:.2e}")
+    assert not bad, bad
+    assert registry.FAMILIES["qmv"].check(case.problem(), {**valid[0], "PF": -1}, backend) is not None

@@ -211,3 +211,21 @@ def test_glu_decode_is_one_fused_launch():
     assert y.shape == (1, 1, 2, 1, N)
     g, u = _reference(x, wg, sg, bg, idx, 64, 4), _reference(x, wu, su, bu, idx, 64, 4)
     _close(y, g / (1.0 + np.exp(-g)) * u, tol=3e-2)
+
+
+def test_config_without_an_optional_param_means_its_old_default():
+    """Tables and ids written before PF (L2 prefetch) existed still pick their kernel, as PF=0;
+    PF > 0 is taken when given; an unknown tile key or a negative PF is a clear error."""
+    w, s, b = _weights(E=4, N=40, K=128, seed=1)
+    idx = mx.array(np.array([[0, 1], [2, 3]], dtype=np.int32))
+    x = mx.zeros((2, 1, 1, 128), dtype=mx.bfloat16)
+    kw = dict(backend="emulator-cuda")
+    assert ops.describe(x, w, s, b, idx, config="FN2_WN2_WK2_KU1", **kw) == dict(
+        family="qmv", config="FN2_WN2_WK2_KU1_PF0", source="argument")
+    assert ops.describe(x, w, s, b, idx, config="BM8_FN2_WN4_WK1_MC4_KU1_PF3", **kw)["family"] == "qmm"
+    with pytest.raises(ValueError, match="tile parameters"):
+        ops.describe(x, w, s, b, idx, config={"FN": 2, "WN": 2, "WK": 2, "KU": 1, "XX": 1}, family="qmv", **kw)
+    with pytest.raises(ValueError, match="matches no kernel family"):
+        ops.describe(x, w, s, b, idx, config={"FN": 2, "WN": 2, "XX": 1}, **kw)
+    with pytest.raises(ValueError, match="PF=-1 must be >= 0"):
+        ops.describe(x, w, s, b, idx, config={"FN": 2, "WN": 2, "WK": 2, "KU": 1, "PF": -1}, **kw)

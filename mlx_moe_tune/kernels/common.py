@@ -66,6 +66,12 @@ def template_args(problem, config: Mapping[str, int], x_div: int = 1) -> list[tu
     ]
 
 
+def check_prefetch(config) -> str | None:
+    """PF, the CUDA kernels' L2 prefetch distance in k blocks (cuda/mmt_gather.cuh warp_gemm)."""
+    pf = config.get("PF", 0)
+    return None if pf >= 0 else f"PF={pf} must be >= 0 (k blocks of L2 prefetch ahead; 0: none)"
+
+
 def as_dtype(a: mx.array, dtype) -> mx.array:
     """`a` in `dtype`; an astype to the same dtype would still add a graph node (the decode path)."""
     return a if a.dtype == dtype else a.astype(dtype)

@@ -61,6 +61,9 @@ class KernelFamily:
     check: Callable[[Problem, Config, Backend], str | None]  # reason the config is invalid, or None
     launch: Callable[[Problem, Config, Backend], Launch]
     template: Callable[[Problem, Config], list[tuple[str, object]]]
+    # by dialect: tile params a config may omit (tables and ids written before the param existed),
+    # with the value that builds the kernel as it was then
+    optional: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def configs(self, dialect: str) -> Iterator[dict[str, int]]:
@@ -68,6 +71,18 @@ class KernelFamily:
         keys = list(space)
         for vals in itertools.product(*(space[k] for k in keys)):
             yield dict(zip(keys, vals))
+
+    def takes(self, keys, dialect: str) -> bool:
+        """Whether a config with exactly these keys is one of this family's (optional ones may be absent)."""
+        space, opt = set(self.space.get(dialect, {})), set(self.optional.get(dialect, {}))
+        return bool(space) and space - opt <= set(keys) <= space
+
+    def complete(self, config: Config, dialect: str) -> dict[str, int]:
+        """`config` with its omitted optional params filled in, in the space's order."""
+        opt = self.optional.get(dialect, {})
+        full = {**{k: v for k, v in opt.items() if k not in config}, **config}
+        order = list(self.space.get(dialect, {}))
+        return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
 
     def valid_configs(self, problem: Problem, backend: Backend) -> list[dict[str, int]]:
         return [c for c in self.configs(backend.dialect) if self.check(problem, c, backend) is None]
@@ -98,7 +113,8 @@ _HEADERS = {"cuda": ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh"), "metal":
 _SUFFIX = {"cuda": "cu", "metal": "metal"}
 
 
-def gather_families(name: str, index_inputs: tuple[str, ...], space, check, launch) -> tuple[KernelFamily, KernelFamily]:
+def gather_families(name: str, index_inputs: tuple[str, ...], space, check, launch,
+                    optional=None) -> tuple[KernelFamily, KernelFamily]:
     """A gather kernel family and its fused SwiGLU twin `<name>_glu`: they differ only in their
     weight inputs (one set, or gate and up), their body source and `check(..., glu=)`."""
     def make(fname: str, weights: tuple[str, ...], glu: bool) -> KernelFamily:
@@ -111,6 +127,7 @@ def gather_families(name: str, index_inputs: tuple[str, ...], space, check, laun
             check=lambda p, c, b: check(p, c, b, glu=glu),
             launch=launch,
             template=lambda problem, config: template_args(problem, config),
+            optional=optional or {},
         )
 
     return make(name, WEIGHTS, False), make(f"{name}_glu", GLU_WEIGHTS, True)

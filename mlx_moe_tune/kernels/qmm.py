@@ -17,7 +17,7 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda
+from .common import CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, check_prefetch
 from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
@@ -27,7 +27,12 @@ CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "WK": (1,),
     "MC": (4,),
     "KU": (1, 2),
+    # L2 prefetch distance in k blocks (warp_gemm). Searched at 0 only until an H200 A/B of PF > 0
+    # (scripts/h200/next.sh) says otherwise: each value doubles the space's NVRTC compiles. The op
+    # takes any PF >= 0 given in a config (tests/test_kernels_cuda.py checks PF = 3 on the emulator).
+    "PF": (0,),
 }
+OPTIONAL = {"cuda": {"PF": 0}}
 
 
 def _threads(config: Mapping[str, int]) -> int:
@@ -60,6 +65,8 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     bm, fn, wn, wk, mc, ku = (config[k] for k in ("BM", "FN", "WN", "WK", "MC", "KU"))
     if ku < 1:
         return f"KU={ku} must be >= 1"
+    if (why := check_prefetch(config)) is not None:
+        return why
     xs_bytes = xs_smem_bytes(problem, config)
     if xs_bytes and wk != 1:
         return "4-bit with BM >= 16 stages x in shared memory, which needs WK=1"
@@ -91,4 +98,4 @@ def _launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
 
 
 QMM, QMM_GLU = gather_families("qmm", ("order", "offsets"), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
-                                _check, _launch)
+                                _check, _launch, OPTIONAL)

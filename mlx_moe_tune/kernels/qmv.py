@@ -16,7 +16,7 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda
+from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, check_prefetch
 from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
@@ -24,7 +24,12 @@ CUDA_SPACE: dict[str, tuple[int, ...]] = {
     "WN": (2, 4),
     "WK": (2, 4),
     "KU": (1, 2),
+    # L2 prefetch distance in k blocks (warp_gemm). Searched at 0 only until an H200 A/B of PF > 0
+    # (scripts/h200/next.sh) says otherwise: each value doubles the space's NVRTC compiles. The op
+    # takes any PF >= 0 given in a config (tests/test_kernels_cuda.py checks PF = 3 on the emulator).
+    "PF": (0,),
 }
+OPTIONAL = {"cuda": {"PF": 0}}
 
 
 def _cuda_threads(config: Mapping[str, int]) -> int:
@@ -43,6 +48,8 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     fn, wn, wk = config["FN"], config["WN"], config["WK"]
     if config["KU"] < 1:
         return f"KU={config['KU']} must be >= 1"
+    if (why := check_prefetch(config)) is not None:
+        return why
     threads = _cuda_threads(config)
     if threads > backend.max_threads:
         return f"{threads} threads per block > {backend.max_threads}"
@@ -68,4 +75,4 @@ def launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
 
 
 QMV, QMV_GLU = gather_families("qmv", ("idx",), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
-                                _check, launch)
+                                _check, launch, OPTIONAL)

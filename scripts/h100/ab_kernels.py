@@ -3,6 +3,9 @@ previous commit's cuda/, exported with `git archive`) against the working tree's
 the previous tune's best configs (N=1408 gemma-26b-a4b) run through both builds in interleaved
 rounds; the median over rounds is kept. Writes OUT/ab.csv.
     python3 scripts/h100/ab_kernels.py OLD_DIR OUT [ROUNDS]
+With --pf 0,2,4 instead of OLD_DIR, the variants are one tile param of the working tree's build:
+the same configs at each L2 prefetch distance PF (cuda/mmt_gather.cuh warp_gemm).
+    AB_POINTS=h200 python3 scripts/h100/ab_kernels.py --pf 0,2,4 OUT [ROUNDS]
 """
 from __future__ import annotations
 
@@ -48,7 +51,9 @@ H200_GS_POINTS = {
 }
 POINTS = {"h200": H200_POINTS, "h200-gs": H200_GS_POINTS}.get(os.environ.get("AB_POINTS", ""), POINTS)
 
-SHAPE = (128, 2816, 1408)  # E, K, N
+SHAPE = tuple(int(v) for v in os.environ.get("AB_SHAPE", "128,2816,1408").split(","))  # E, K, N
+if "AB_M" in os.environ:  # a smoke run elsewhere (AB_SHAPE=8,768,64 AB_M=1,8 AB_BACKEND=emulator-cuda)
+    POINTS = {int(m): POINTS[int(m)] for m in os.environ["AB_M"].split(",")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +85,26 @@ def build(case, fam, base: str, cfg):
     return fn
 
 
-def main(old: Path, out: Path, rounds: int) -> None:
+def main(old: Path | None, out: Path, rounds: int, pf: list[int] | None = None) -> None:
+    """Variants: (build name, families, config transform). OLD_DIR: new and old builds, same
+    config; pf: the new build at each prefetch distance."""
     out.mkdir(parents=True, exist_ok=True)
-    builds = {"new": {n: registry.get(n) for n in ("qmv", "qmm")}}
-    builds["old"] = {n: old_family(f, old) for n, f in builds["new"].items()}
+    new = {n: registry.get(n) for n in ("qmv", "qmm")}
+    if pf is not None:
+        variants = [(f"PF{v}", new, lambda c, v=v: {**c, "PF": v}) for v in pf]
+    else:
+        variants = [("new", new, dict), ("old", {n: old_family(f, old) for n, f in new.items()}, dict)]
     rows = []
     for m, cfgs in POINTS.items():
         E, K, N = SHAPE
         p = Problem(experts=E, k=K, n=N, rows=m * E, bits=4, group_size=64, dtype="bfloat16", m=float(m))
-        case = measure.prepare_case(p, m=m, top_k=8, seed=0)
+        case = measure.prepare_case(p, m=m, top_k=8, seed=0, backend=os.environ.get("AB_BACKEND"))
         ref = measure.case_reference(case)
         fns = {}
         for cid in cfgs:
             base, _, c = cid.partition(":")
-            cfg = parse_config_id(c)
-            for name, fams in builds.items():
+            for name, fams, tweak in variants:
+                cfg = tweak(parse_config_id(c))
                 fn = build(case, fams[base], base, cfg)
                 y = fn()
                 err = float(np.max(np.abs(np.asarray(y.astype(measure.MTYPES["float32"])) - ref)))
@@ -114,4 +124,8 @@ def main(old: Path, out: Path, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    if sys.argv[1] == "--pf":
+        main(None, Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 3,
+             pf=[int(v) for v in sys.argv[2].split(",")])
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Prepared for the next H200 session (NOT run yet): what this session's device time did not reach.
-#   1. decode_layer.py: one gemma SwitchGLU layer, stock vs patched compiled (now the default)
-#      vs uncompiled, host graph-build time and time per call in a 32-call chain;
-#   2. e2e with the compiled decode path (the default) and the shipped tables: call 13 was cut at
-#      170 s on a fresh process; give it 300 s;
-#   3. the whole gpu suite (tests/test_patch.py's GPU tests passed in call 12; the rest passed
-#      in calls 7-9), as one regression run.
-# A fresh machine spends minutes in MLX's first NVRTC compiles: keep the limits generous.
-# Results: $OUT/next.tgz.
+# Prepared for the next H200 session (NOT run yet). Two calls:
+#   bash scripts/h200/next.sh ab     # ~400 s: A/B of the L2 prefetch (tile param PF, new and not
+#                                    # yet run on a GPU) on the H200 tables' configs, PF 0 vs 3,
+#                                    # in one process, interleaved rounds; then the gpu suite's
+#                                    # emulator-vs-GPU test, which covers PF only at 0
+#   bash scripts/h200/next.sh rest   # ~550 s: decode layer (compiled, now the default, vs not),
+#                                    # e2e with the compiled decode path, the whole gpu suite
+# If PF wins: put its value in qmv.py / qmm.py CUDA_SPACE, re-tune (scripts/h200/steps.sh step_tune)
+# and check the tables. A fresh machine spends minutes in MLX's first NVRTC compiles.
+# Results: $OUT/next-<step>.tgz.
 set -u
 . "$(dirname "$0")/steps.sh"
-R=${R:-/tmp/resnext}; mkdir -p "$R"; export PYTHONUNBUFFERED=1
-timeout ${T_LAYER:-150} python3 scripts/h200/decode_layer.py "$R/decode" > "$R/decode-layer.log" 2>&1
-T_E2E=${T_E2E:-300} step_e2e
-timeout ${T_SUITE:-400} python3 -m pytest -m gpu tests/ -p no:cacheprovider --timeout 200 --durations=0 \
-  > "$R/gpu-tests-all.log" 2>&1
-tar -C "$(dirname "$R")" -czf "$OUT/next.tgz" "$(basename "$R")"
-grep -E "speedup|logit" "$R/e2e-gemma-26b-a4b.json"; tail -3 "$R/gpu-tests-all.log"
+STEP=${1:?ab or rest}
+R=${R:-/tmp/resnext-$STEP}; mkdir -p "$R"; export PYTHONUNBUFFERED=1
+if [ "$STEP" = ab ]; then
+  AB_POINTS=h200 timeout ${T_AB:-330} python3 scripts/h100/ab_kernels.py --pf 0,3 "$R/ab-pf" 3 > "$R/ab-pf.log" 2>&1
+  timeout ${T_EMU:-120} python3 -m pytest -v -m gpu tests/test_emulator_cuda.py -p no:cacheprovider --timeout 110 \
+    > "$R/gpu-tests-emulator-vs-gpu.log" 2>&1
+else
+  timeout ${T_LAYER:-150} python3 scripts/h200/decode_layer.py "$R/decode" > "$R/decode-layer.log" 2>&1
+  T_E2E=${T_E2E:-250} step_e2e
+  timeout ${T_SUITE:-300} python3 -m pytest -m gpu tests/ -p no:cacheprovider --timeout 200 --durations=0 \
+    > "$R/gpu-tests-all.log" 2>&1
+fi
+tar -C "$(dirname "$R")" -czf "$OUT/next-$STEP.tgz" "$(basename "$R")"
+tail -n 30 "$R"/*.log | cut -c1-220

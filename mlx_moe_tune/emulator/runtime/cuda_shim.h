@@ -608,6 +608,9 @@ MMT_EMU_RT inline void cp_async_issue(void* smem, const void* gmem, uint32_t byt
 }
 MMT_EMU_RT inline void cp_async_16(void* smem, const void* gmem) { cp_async_issue(smem, gmem, 16); }
 MMT_EMU_RT inline void cp_async_16_zfill(void* smem, const void* gmem, bool pred) { cp_async_issue(smem, gmem, pred ? 16 : 0); }
+// prefetch.global.L2: no effect on results; with check on, the word it names must lie inside a
+// buffer (the kernels prefetch only the first word of a chunk they will load).
+MMT_EMU_RT inline void prefetch_l2(const void* p) { ::mmt_emu::note_access_as(::mmt_emu::cur_fiber(), p, 4, false); }
 MMT_EMU_RT inline void cp_async_commit() { ::mmt_emu::cur_fiber()->cp_next_group++; }
 MMT_EMU_RT inline void cp_async_wait_n(int n) {
   Fiber* f = ::mmt_emu::cur_fiber();
