@@ -155,21 +155,20 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
     return fam, config, source
 
 
-def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> dict:
-    """Kernel-call keywords of one (family, tile, problem), less inputs and output dtypes."""
+def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> tuple[dict, int]:
+    """Kernel-call keywords of one (family, tile, problem), less inputs and output dtypes, and the
+    dynamic shared memory the kernel object is built with (family.kernel)."""
     config = fam.complete(config, backend.dialect)  # e.g. a config id from before PF existed
     launch = fam.launch(problem, config, backend)
     kwargs = dict(template=template_args(problem, config, x_div), grid=launch.grid,
                   threadgroup=launch.threadgroup, output_shapes=[(problem.rows, problem.n)])
-    if launch.shared_memory and not backend.emulated and backend.dialect == "cuda":
-        kwargs["shared_memory"] = launch.shared_memory
-    return kwargs
+    return kwargs, launch.shared_memory
 
 
 def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
     """One launch with a given tile (A/B scripts; the op itself memoizes _launch_kwargs)."""
-    (y,) = fam.kernel(backend)(inputs=inputs, output_dtypes=[inputs[0].dtype],
-                               **_launch_kwargs(fam, problem, config, backend, x_div))
+    kwargs, smem = _launch_kwargs(fam, problem, config, backend, x_div)
+    (y,) = fam.kernel(backend, smem)(inputs=inputs, output_dtypes=[inputs[0].dtype], **kwargs)
     return y
 
 
@@ -269,7 +268,8 @@ def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
         return _swiglu(g, gather_qmm(x, *wsets[1], indices, **kw))
     weights = [a for w, sc, b in wsets for a in (w, as_dtype(sc, x.dtype), as_dtype(b, x.dtype))]
     tail = [flat] if "idx" in spec.fam.input_names else [plan.order, plan.offsets]
-    (y,) = spec.fam.kernel(spec.backend)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype], **spec.kwargs)
+    (y,) = spec.fam.kernel(spec.backend, spec.smem)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype],
+                                                    **spec.kwargs)
     return y.reshape(spec.out_shape)
 
 
@@ -301,6 +301,7 @@ class _Spec:
     out_shape: tuple
     config: dict | None = None  # the tile chosen
     source: str = ""  # "argument", "table" or "default"
+    smem: int = 0  # dynamic shared memory bytes (CUDA)
 
 
 _SPECS: dict = {}
@@ -319,5 +320,5 @@ def _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
     if (glu and fam.name == "qmm_glu" and config is None and family is None
             and problem.rows_per_expert < FUSED_MIN_M):
         return _Spec(problem, b, None, {}, x2.shape[0], materialize, out_shape, None, source)
-    return _Spec(problem, b, fam, _launch_kwargs(fam, problem, cfg, b, x_div), x2.shape[0], materialize,
-                 out_shape, cfg, source)
+    kwargs, smem = _launch_kwargs(fam, problem, cfg, b, x_div)
+    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source, smem)

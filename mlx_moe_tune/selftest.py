@@ -155,7 +155,7 @@ def run_config(family, backend, case: Case, config: dict, inputs: Inputs, check:
     )
     if backend.emulated:
         kwargs["check"] = check
-    (y,) = family.kernel(backend)(**kwargs)
+    (y,) = family.kernel(backend, launch.shared_memory)(**kwargs)
     y = np.asarray(mx.array(y).astype(mx.float32), dtype=np.float64)
     ref = inputs.ref_glu if "w_gate" in family.input_names else inputs.ref
     scale = max(float(np.abs(ref).max()), 1e-30)

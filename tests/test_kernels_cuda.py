@@ -147,3 +147,17 @@ def test_l2_prefetch_configs_on_emulator(bits, gs):
                 bad.append(f"{fam.name} {config_id(cfg)}: {err:.2e}")
     assert not bad, bad
     assert registry.FAMILIES["qmv"].check(case.problem(), {**valid[0], "PF": -1}, backend) is not None
+
+
+def test_dynamic_shared_memory_is_a_kernel_object_setting():
+    """MLX's cuda_kernel takes dynamic shared memory at construction: one kernel object per size,
+    built with it (the call itself has no such argument); a Metal backend refuses it."""
+    from mlx_moe_tune.backend import EMULATOR_METAL
+
+    _emulator_cuda()
+    fam = registry.FAMILIES["qmm"]
+    plain, big = fam.kernel(EMULATOR_CUDA), fam.kernel(EMULATOR_CUDA, 64 * 1024)
+    assert plain is fam.kernel(EMULATOR_CUDA, 0) and big is not plain
+    assert (plain.shared_memory, big.shared_memory) == (0, 64 * 1024)
+    with pytest.raises(ValueError, match="CUDA launch setting"):
+        fam.kernel(EMULATOR_METAL, 1024)

@@ -87,9 +87,10 @@ class KernelFamily:
     def valid_configs(self, problem: Problem, backend: Backend) -> list[dict[str, int]]:
         return [c for c in self.configs(backend.dialect) if self.check(problem, c, backend) is None]
 
-    def kernel(self, backend: Backend):
-        """The compiled-kernel object for this backend (one per family; templates pick tiles)."""
-        key = backend.name
+    def kernel(self, backend: Backend, shared_memory: int = 0):
+        """The compiled-kernel object for this backend (templates pick tiles). MLX takes a CUDA
+        kernel's dynamic shared memory at construction, so there is one object per size."""
+        key = (backend.name, shared_memory)
         if key not in self._cache:
             if backend.dialect not in self.sources:
                 raise NotImplementedError(f"kernel family {self.name!r} has no {backend.dialect} source")
@@ -103,6 +104,10 @@ class KernelFamily:
                 header=header,
                 ensure_row_contiguous=True,
             )
+            if shared_memory:
+                if backend.dialect != "cuda":
+                    raise ValueError(f"dynamic shared memory is a CUDA launch setting (backend {backend.name})")
+                kwargs["shared_memory"] = int(shared_memory)
             self._cache[key] = factory(**kwargs)
         return self._cache[key]
 
