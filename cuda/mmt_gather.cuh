@@ -207,15 +207,23 @@ struct UseXs {
 // its k blocks later (kb + PF * WK). The register buffers hold one step ahead; with PF the DRAM
 // requests go out earlier and that step's loads wait on L2 (H200 profiles, m=1 and m=32: latency-
 // bound at 12-24% occupancy, DRAM 39-64%). Costs one instruction per 16-byte W load, no register.
+// WS (shared-x path only): W chunks come through shared memory instead of the register double
+// buffer. Each thread cp.asyncs its own 16-byte chunks into its own slots (wsm, WsSlots) in the
+// x tile's commit groups, so they are SS - 1 steps ahead like x, and reads them back (LDS.128) right
+// before the dequantization; scales and biases stay one step ahead in registers (L1 hits after
+// a row's first k block). Frees the W registers and doubles the W bytes in flight at SS = 3.
 template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK, int KU, bool XS = false,
-          int NTHREADS = 32, typename RowFn = int, bool RING = false, int PF = 0>
+          int NTHREADS = 32, typename RowFn = int, bool RING = false, int PF = 0, bool WS = false>
 __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
                                  int nlim, const T* const (&xrow)[CG], int wk,
-                                 T* xs = nullptr, const T* x_any = nullptr, RowFn row_of = 0) {
+                                 T* xs = nullptr, const T* x_any = nullptr, RowFn row_of = 0,
+                                 uint4* wsm = nullptr) {
   using Q = QGeom<BITS, GS, K>;
   using Tr = Pair<T>;
   static_assert(!XS || (BITS == 4 && WK == 1), "shared-memory x path: 4-bit, WK == 1");
   static_assert(!RING || XS, "the W ring is only wired into the shared-memory x path");
+  static_assert(!WS || (XS && !RING), "W through shared memory: the shared-x path, without the W ring");
+  static_assert(!WS || Q::CW == 4, "W through shared memory copies 16-byte chunks");
   using XT = XsTile<CG * 8, KU>;
   constexpr int GPT = XS ? (CG * 8 * XT::GR + NTHREADS - 1) / NTHREADS : 1;  // granules per thread
   const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -251,13 +259,15 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
         for (int h = 0; h < 2; h++) {
           const int n = n0 + 16 * f + 8 * h + g;
           if (kv && n < nlim) {
-            load_words<Q::CW>(ws[s].w + size_t(n) * Q::KW + chunk * Q::CW, ch.w[s][f][h]);
+            if constexpr (!WS) load_words<Q::CW>(ws[s].w + size_t(n) * Q::KW + chunk * Q::CW, ch.w[s][f][h]);
             const int gi = n * Q::KG + (chunk * Q::VPL) / GS;
             ch.s[s][f][h] = ws[s].s[gi];
             ch.b[s][f][h] = ws[s].b[gi];
           } else {
+            if constexpr (!WS) {
 #pragma unroll
-            for (int i = 0; i < Q::CW; i++) ch.w[s][f][h][i] = 0u;
+              for (int i = 0; i < Q::CW; i++) ch.w[s][f][h][i] = 0u;
+            }
             ch.s[s][f][h] = Tr::from_float(0.0f);
             ch.b[s][f][h] = Tr::from_float(0.0f);
           }
@@ -284,7 +294,27 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
     }
   };
 
+  // WS slot of (k block kb, weight set s, fragment f, half h) for this thread, in 16-byte units:
+  // [step % SS][kb % KU][s][f][h][thread]: a warp's LDS.128 reads 512 contiguous bytes.
+  auto wslot = [&](int kb, int s, int f, int h) {
+    constexpr int SS = XsTile<CG * 8, KU>::SS;
+    return (((((kb / KU) % SS * KU + kb % KU) * NWS + s) * FN + f) * 2 + h) * NTHREADS + int(threadIdx.x);
+  };
   auto compute = [&](int kb, const Chunk& ch) {
+    uint32_t wv[WS ? NWS : 1][WS ? FN : 1][2][Q::CW];
+    if constexpr (WS) {
+#pragma unroll
+      for (int s = 0; s < NWS; s++)
+#pragma unroll
+        for (int f = 0; f < FN; f++)
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+            load_words<Q::CW>(reinterpret_cast<const uint32_t*>(wsm + wslot(kb, s, f, h)), wv[s][f][h]);
+    }
+    auto wword = [&](int s, int f, int h, int j) -> uint32_t {
+      if constexpr (WS) return wv[WS ? s : 0][WS ? f : 0][h][j];
+      else return ch.w[s][f][h][j];
+    };
     uint32_t s2[NWS][FN][2], b2[NWS][FN][2];
     float sf[NWS][FN][2], bf[NWS][FN][2];
 #pragma unroll
@@ -308,9 +338,9 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
 #pragma unroll
           for (int h = 0; h < 2; h++) {
             if constexpr (XS)  // natural k order (4-bit only), x used as loaded below
-              dequant_word_nat4<T>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], a[s][f][h]);
+              dequant_word_nat4<T>(wword(s, f, h, j), s2[s][f][h], b2[s][f][h], a[s][f][h]);
             else
-              dequant_word<T, BITS>(ch.w[s][f][h][j], s2[s][f][h], b2[s][f][h], sf[s][f][h],
+              dequant_word<T, BITS>(wword(s, f, h, j), s2[s][f][h], b2[s][f][h], sf[s][f][h],
                                     bf[s][f][h], a[s][f][h]);
           }
 #pragma unroll
@@ -414,6 +444,20 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
             const T* row = src[t];
             const bool pred = row != nullptr && k < K;
             cp_async_16_zfill(tile + dst[t], pred ? row + k : x_any, pred);
+          }
+          if constexpr (WS) {  // this thread's own W chunks of k block kb, in its own slots
+            const int chunk = kb * 4 + tig;
+#pragma unroll
+            for (int s = 0; s < NWS; s++)
+#pragma unroll
+              for (int f = 0; f < FN; f++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                  const int n = n0 + 16 * f + 8 * h + g;
+                  const bool pred = chunk * Q::VPL < K && n < nlim;
+                  cp_async_16_zfill(wsm + wslot(kb, s, f, h),
+                                    pred ? ws[s].w + size_t(n) * Q::KW + chunk * Q::CW : ws[s].w, pred);
+                }
           }
         }
       }
@@ -590,11 +634,11 @@ __device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& 
 }
 
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int BM, int FN, int WN,
-          int WK, int MC, int KU, bool GLU, int PF = 0>
+          int WK, int MC, int KU, bool GLU, int PF = 0, int WS = 0>
 __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
                                 const uint32_t* w1, const T* s1, const T* b1,
                                 const int32_t* order, const int32_t* offsets, T* y, float* red,
-                                T* xs) {
+                                T* xs, uint4* wsm = nullptr) {
   using Q = QGeom<BITS, GS, K>;
   constexpr int NWS = GLU ? 2 : 1;
   constexpr int CG = BM / 8;
@@ -634,9 +678,10 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
     // path: -10..-16%, the double buffer there requests whole 128-byte lines per row), qmv.
     // qmm_glu (two weight sets) was not measured.
     constexpr bool XS = UseXs<BITS, BM>::value;
-    constexpr bool RING = XS && KU == 2 && NWS == 1 && CG * FN == 4;
-    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, XS, 32 * WN * WK, decltype(row_of), RING, PF>(
-        acc, ws, n0, N, xrow, wk, xs, x, row_of);
+    static_assert(WS == 0 || XS, "WS=1 (W through shared memory) needs the shared-x path: 4-bit, BM >= 16");
+    constexpr bool RING = XS && KU == 2 && NWS == 1 && CG * FN == 4 && WS == 0;
+    warp_gemm<T, BITS, GS, K, FN, CG, NWS, WK, KU, XS, 32 * WN * WK, decltype(row_of), RING, PF, WS != 0>(
+        acc, ws, n0, N, xrow, wk, xs, x, row_of, wsm);
     reduce_split_k<NWS * FN * CG * 4, WN, WK>(&acc[0][0][0][0], red, wn, wk);
     if (wk == 0) {
 #pragma unroll

@@ -161,3 +161,40 @@ def test_dynamic_shared_memory_is_a_kernel_object_setting():
     assert (plain.shared_memory, big.shared_memory) == (0, 64 * 1024)
     with pytest.raises(ValueError, match="CUDA launch setting"):
         fam.kernel(EMULATOR_METAL, 1024)
+
+
+def test_w_through_shared_memory_on_emulator():
+    """WS=1 (W chunks cp.async'd into dynamic shared memory with the x tile; not in the searched
+    space yet) on shared-x tiles of qmm and qmm_glu: the numpy reference's results, with the
+    emulator's bounds and race checks on. K = 6 k blocks (the 2-3 stage ring wraps); KU 1 and 2,
+    the largest tile also with PF=2; BM=8 (no shared-x path) is refused with the reason."""
+    backend = _emulator_cuda()
+    case = selftest.Case("ws", counts=(0, 1, 5, 37), k=6 * 128, n=72, group_size=64)
+    inputs = selftest.build_inputs(case)
+    bad, ran = [], 0
+    for name in ("qmm", "qmm_glu"):
+        fam = registry.FAMILIES[name]
+        shared_x = [c for c in fam.valid_configs(case.problem(), backend) if c["BM"] >= 16]
+        picks = {config_id(c): c for c in (shared_x[0], shared_x[1], shared_x[-1])}  # KU 1, 2; largest
+        for i, cfg in enumerate(picks.values()):
+            cfg = {**cfg, "WS": 1, "PF": 2 if i == 2 else 0}
+            assert fam.check(case.problem(), cfg, backend) is None, config_id(cfg)
+            assert fam.launch(case.problem(), cfg, backend).shared_memory > 0
+            err, _ = selftest.run_config(fam, backend, case, cfg, inputs, check=True)
+            ran += 1
+            if not err <= selftest.TOLERANCE[case.dtype]:
+                bad.append(f"{name} {config_id(cfg)}: {err:.2e}")
+    assert ran == 6 and not bad, bad
+    bm8 = {"BM": 8, "FN": 2, "WN": 4, "WK": 1, "MC": 4, "KU": 1, "PF": 0, "WS": 1}
+    assert "shared-x path" in registry.FAMILIES["qmm"].check(case.problem(), bm8, backend)
+
+
+def test_dynamic_shared_memory_past_48kb_makes_mlx_opt_in():
+    """A block's static + dynamic shared memory may pass 48 KB only after the opt-in, which MLX's
+    cuda_kernel does for more than 48000 dynamic bytes: the ask is raised past that where needed."""
+    from mlx_moe_tune.kernels.common import MLX_OPTIN_DYNAMIC, cuda_dynamic_smem
+
+    assert cuda_dynamic_smem(12 * 1024, 24 * 1024) == 24 * 1024  # 36 KB in all: no opt-in needed
+    assert cuda_dynamic_smem(24 * 1024 + 64, 24 * 1024) > MLX_OPTIN_DYNAMIC  # 48 KB + 64 B
+    assert cuda_dynamic_smem(32 * 1024, 64 * 1024) == 64 * 1024  # MLX opts in by itself
+    assert cuda_dynamic_smem(40 * 1024, 0) == 0

@@ -15,6 +15,19 @@ from ..backend import Backend
 WARP = 32  # SIMD width, both dialects
 # CUDA: static __shared__ (split-K reduction buffer) must stay under the 48 KB static limit.
 CUDA_STATIC_SMEM = 48 * 1024
+# Without the opt-in (cuFuncSetAttribute) a block's static + dynamic shared memory stays within
+# 48 KB; MLX's cuda_kernel opts in only for more than 48000 dynamic bytes (cuda/custom_kernel.cpp).
+MLX_OPTIN_DYNAMIC = 48000
+
+
+def cuda_dynamic_smem(static: int, dynamic: int) -> int:
+    """Dynamic shared memory to ask MLX for: `dynamic`, raised past MLX_OPTIN_DYNAMIC when static +
+    dynamic exceed 48 KB but dynamic alone does not (MLX would not opt in, and the launch fail)."""
+    if dynamic and static + dynamic > CUDA_STATIC_SMEM and dynamic <= MLX_OPTIN_DYNAMIC:
+        return MLX_OPTIN_DYNAMIC + 16
+    return dynamic
+
+
 # Accumulator floats per lane above which the register tile spills (255 regs per thread).
 CUDA_MAX_ACC = 64
 CUDA_DTYPES = ("float16", "bfloat16")  # the mma.sync operand types

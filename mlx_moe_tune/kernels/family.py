@@ -121,7 +121,8 @@ _SUFFIX = {"cuda": "cu", "metal": "metal"}
 def gather_families(name: str, index_inputs: tuple[str, ...], space, check, launch,
                     optional=None) -> tuple[KernelFamily, KernelFamily]:
     """A gather kernel family and its fused SwiGLU twin `<name>_glu`: they differ only in their
-    weight inputs (one set, or gate and up), their body source and `check(..., glu=)`."""
+    weight inputs (one set, or gate and up), their body source, `check(..., glu=)` and
+    `launch(..., glu=)`."""
     def make(fname: str, weights: tuple[str, ...], glu: bool) -> KernelFamily:
         return KernelFamily(
             name=fname,
@@ -130,7 +131,7 @@ def gather_families(name: str, index_inputs: tuple[str, ...], space, check, laun
             sources={d: DialectSource(f"{d}/{fname}.{_SUFFIX[d]}", h) for d, h in _HEADERS.items()},
             space=space,
             check=lambda p, c, b: check(p, c, b, glu=glu),
-            launch=launch,
+            launch=lambda p, c, b: launch(p, c, b, glu=glu),
             template=lambda problem, config: template_args(problem, config),
             optional=optional or {},
         )

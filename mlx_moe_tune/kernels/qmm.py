@@ -17,7 +17,8 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, check_prefetch
+from .common import (CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda,
+                     check_prefetch, cuda_dynamic_smem)
 from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
@@ -31,8 +32,11 @@ CUDA_SPACE: dict[str, tuple[int, ...]] = {
     # (scripts/h200/next.sh) says otherwise: each value doubles the space's NVRTC compiles. The op
     # takes any PF >= 0 given in a config (tests/test_kernels_cuda.py checks PF = 3 on the emulator).
     "PF": (0,),
+    # 1: W through shared memory (cp.async with the x tile; warp_gemm WS). Searched at 0 only until
+    # an H200 A/B (scripts/h200/next.sh ab); the op takes WS=1 where it is valid.
+    "WS": (0,),
 }
-OPTIONAL = {"cuda": {"PF": 0}}
+OPTIONAL = {"cuda": {"PF": 0, "WS": 0}}
 
 
 def _threads(config: Mapping[str, int]) -> int:
@@ -57,6 +61,18 @@ def xs_smem_bytes(problem, config: Mapping[str, int]) -> int:
     return stages * ku * tile
 
 
+def ws_smem_bytes(problem, config: Mapping[str, int], glu: bool) -> int:
+    """Dynamic shared memory the launch asks for with WS=1 (cuda/mmt_gather.cuh warp_gemm's W
+    slots: per stage and k block of a step, 16 bytes per thread and (weight set, 16-row fragment,
+    half)), raised where MLX would otherwise not opt in (cuda_dynamic_smem); 0 for WS=0."""
+    if not config.get("WS", 0):
+        return 0
+    bm, ku = config["BM"], config["KU"]
+    stages = 3 if bm * 16 * 16 * ku * 3 <= 40 * 1024 else 2  # as XsTile::SS and xs_smem_bytes
+    slots = stages * ku * (2 if glu else 1) * config["FN"] * 2 * _threads(config) * 16
+    return cuda_dynamic_smem(xs_smem_bytes(problem, config) + 64, slots)
+
+
 def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
     if backend.dialect == "metal":
         return metal_tiles.check_qmm(problem, config, backend, glu=glu)
@@ -72,6 +88,14 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
         return "4-bit with BM >= 16 stages x in shared memory, which needs WK=1"
     if xs_bytes + 64 > CUDA_STATIC_SMEM:
         return f"x tile {xs_bytes} B of shared memory > {CUDA_STATIC_SMEM} B (lower BM or KU)"
+    ws = config.get("WS", 0)
+    if ws not in (0, 1):
+        return f"WS={ws} must be 0 or 1 (W through shared memory)"
+    if ws and not xs_bytes:
+        return "WS=1 (W through shared memory) needs the shared-x path: 4-bit weights and BM >= 16"
+    if ws and xs_bytes + ws_smem_bytes(problem, config, glu) + 64 > backend.max_shared_bytes:
+        return (f"WS=1: {xs_bytes + ws_smem_bytes(problem, config, glu)} B of shared memory > "
+                f"{backend.max_shared_bytes} B (lower BM, FN or KU)")
     if bm % 8 or bm <= 0:
         return f"BM={bm} must be a positive multiple of 8 (the mma n side)"
     if mc < 1:
@@ -90,11 +114,12 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     return None
 
 
-def _launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
+def _launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False) -> Launch:
     if backend.dialect == "metal":
         return Launch(*metal_tiles.launch_qmm(problem, config))
     threads = _threads(config)
-    return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
+    return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1),
+                  ws_smem_bytes(problem, config, glu))
 
 
 QMM, QMM_GLU = gather_families("qmm", ("order", "offsets"), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},

@@ -67,7 +67,7 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     return None
 
 
-def launch(problem, config: Mapping[str, int], backend: Backend) -> Launch:
+def launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False) -> Launch:
     if backend.dialect == "metal":
         return Launch(*metal_tiles.launch_qmv(problem, config))
     threads = _cuda_threads(config)

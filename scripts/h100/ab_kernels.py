@@ -3,9 +3,10 @@ previous commit's cuda/, exported with `git archive`) against the working tree's
 the previous tune's best configs (N=1408 gemma-26b-a4b) run through both builds in interleaved
 rounds; the median over rounds is kept. Writes OUT/ab.csv.
     python3 scripts/h100/ab_kernels.py OLD_DIR OUT [ROUNDS]
-With --pf 0,2,4 instead of OLD_DIR, the variants are one tile param of the working tree's build:
-the same configs at each L2 prefetch distance PF (cuda/mmt_gather.cuh warp_gemm).
-    AB_POINTS=h200 python3 scripts/h100/ab_kernels.py --pf 0,2,4 OUT [ROUNDS]
+With --vary KEY=V1,V2,... instead of OLD_DIR, the variants are one tile param of the working
+tree's build: the same configs at each value, e.g. PF (L2 prefetch distance) or WS (W through
+shared memory); a config the value makes invalid (WS=1 without the shared-x path) is skipped.
+    AB_POINTS=h200 python3 scripts/h100/ab_kernels.py --vary PF=0,3 OUT [ROUNDS]
 """
 from __future__ import annotations
 
@@ -85,13 +86,14 @@ def build(case, fam, base: str, cfg):
     return fn
 
 
-def main(old: Path | None, out: Path, rounds: int, pf: list[int] | None = None) -> None:
+def main(old: Path | None, out: Path, rounds: int, vary: tuple[str, list[int]] | None = None) -> None:
     """Variants: (build name, families, config transform). OLD_DIR: new and old builds, same
-    config; pf: the new build at each prefetch distance."""
+    config; vary (KEY, values): the new build with KEY at each value."""
     out.mkdir(parents=True, exist_ok=True)
     new = {n: registry.get(n) for n in ("qmv", "qmm")}
-    if pf is not None:
-        variants = [(f"PF{v}", new, lambda c, v=v: {**c, "PF": v}) for v in pf]
+    if vary is not None:
+        key, values = vary
+        variants = [(f"{key}{v}", new, lambda c, v=v: {**c, key: v}) for v in values]
     else:
         variants = [("new", new, dict), ("old", {n: old_family(f, old) for n, f in new.items()}, dict)]
     rows = []
@@ -105,6 +107,10 @@ def main(old: Path | None, out: Path, rounds: int, pf: list[int] | None = None) 
             base, _, c = cid.partition(":")
             for name, fams, tweak in variants:
                 cfg = tweak(parse_config_id(c))
+                why = fams[base].check(p, fams[base].complete(cfg, "cuda"), case.backend)
+                if why is not None:
+                    print(f"skip m={m} {cid} {name}: {why}", flush=True)
+                    continue
                 fn = build(case, fams[base], base, cfg)
                 y = fn()
                 err = float(np.max(np.abs(np.asarray(y.astype(measure.MTYPES["float32"])) - ref)))
@@ -124,8 +130,9 @@ def main(old: Path | None, out: Path, rounds: int, pf: list[int] | None = None) 
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--pf":
+    if sys.argv[1] == "--vary":
+        key, _, vals = sys.argv[2].partition("=")
         main(None, Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 3,
-             pf=[int(v) for v in sys.argv[2].split(",")])
+             vary=(key, [int(v) for v in vals.split(",")]))
     else:
         main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Prepared for the next H200 session (NOT run yet). Two calls:
-#   bash scripts/h200/next.sh ab     # ~400 s: A/B of the L2 prefetch (tile param PF, new and not
-#                                    # yet run on a GPU) on the H200 tables' configs, PF 0 vs 3,
-#                                    # in one process, interleaved rounds; then the gpu suite's
-#                                    # emulator-vs-GPU test, which covers PF only at 0
+#   bash scripts/h200/next.sh ab     # ~500 s: A/B of the two new tile params, neither run on a GPU
+#                                    # yet, on the H200 tables' configs in one process, interleaved
+#                                    # rounds: PF (L2 prefetch) 0 vs 3, WS (W through shared memory)
+#                                    # 0 vs 1; then the emulator-vs-GPU test (PF=WS=0 only)
 #   bash scripts/h200/next.sh rest   # ~550 s: decode layer (compiled, now the default, vs not),
 #                                    # e2e with the compiled decode path, the whole gpu suite
-# If PF wins: put its value in qmv.py / qmm.py CUDA_SPACE, re-tune (scripts/h200/steps.sh step_tune)
-# and check the tables. A fresh machine spends minutes in MLX's first NVRTC compiles.
+# If one wins: add its value to qmv.py / qmm.py CUDA_SPACE (each value doubles the NVRTC compiles
+# and the tune; tests/test_kernels_cuda.py caps a space at 16 configs), re-tune
+# (scripts/h200/steps.sh step_tune) and check the tables. A fresh machine spends minutes in MLX's first NVRTC compiles.
 # Results: $OUT/next-<step>.tgz.
 set -u
 . "$(dirname "$0")/steps.sh"
 STEP=${1:?ab or rest}
 R=${R:-/tmp/resnext-$STEP}; mkdir -p "$R"; export PYTHONUNBUFFERED=1
 if [ "$STEP" = ab ]; then
-  AB_POINTS=h200 timeout ${T_AB:-330} python3 scripts/h100/ab_kernels.py --pf 0,3 "$R/ab-pf" 3 > "$R/ab-pf.log" 2>&1
+  AB_POINTS=h200 timeout ${T_AB:-200} python3 scripts/h100/ab_kernels.py --vary PF=0,3 "$R/ab-pf" 3 > "$R/ab-pf.log" 2>&1
+  AB_POINTS=h200 timeout ${T_AB:-200} python3 scripts/h100/ab_kernels.py --vary WS=0,1 "$R/ab-ws" 3 > "$R/ab-ws.log" 2>&1
   timeout ${T_EMU:-120} python3 -m pytest -v -m gpu tests/test_emulator_cuda.py -p no:cacheprovider --timeout 110 \
     > "$R/gpu-tests-emulator-vs-gpu.log" 2>&1
 else
