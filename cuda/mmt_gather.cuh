@@ -207,11 +207,11 @@ struct UseXs {
 // its k blocks later (kb + PF * WK). The register buffers hold one step ahead; with PF the DRAM
 // requests go out earlier and that step's loads wait on L2 (H200 profiles, m=1 and m=32: latency-
 // bound at 12-24% occupancy, DRAM 39-64%). Costs one instruction per 16-byte W load, no register.
-// WS (shared-x path only): W chunks come through shared memory instead of the register double
-// buffer. Each thread cp.asyncs its own 16-byte chunks into its own slots (wsm, WsSlots) in the
-// x tile's commit groups, so they are SS - 1 steps ahead like x, and reads them back (LDS.128) right
-// before the dequantization; scales and biases stay one step ahead in registers (L1 hits after
-// a row's first k block). Frees the W registers and doubles the W bytes in flight at SS = 3.
+// WS (shared-x path only): W chunks come through shared memory (wsm, dynamic) instead of the
+// register double buffer. Each thread cp.asyncs its own 16-byte chunks into its own slots (wslot
+// below) in the x tile's commit groups, so they are SS - 1 steps ahead like x, and reads them back
+// (LDS.128) right before the dequantization; scales and biases stay one step ahead in registers
+// (L1 hits after a row's first k block). Frees the W registers; at SS = 3 W is two steps ahead.
 template <typename T, int BITS, int GS, int K, int FN, int CG, int NWS, int WK, int KU, bool XS = false,
           int NTHREADS = 32, typename RowFn = int, bool RING = false, int PF = 0, bool WS = false>
 __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&ws)[NWS], int n0,
