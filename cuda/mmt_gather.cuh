@@ -247,6 +247,17 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
       for (int i = 0; i < Q::VPW / 2; i++) X[i] = 0u;
     }
   };
+  // fn(s, f, h, n) for each W row of this lane (weight set s, fragment f, half h: row n), and the
+  // address of its 16-byte chunk `chunk`: the PF and WS paths (the register path spells it out).
+  auto each_row = [&](auto&& fn) {
+#pragma unroll
+    for (int s = 0; s < NWS; s++)
+#pragma unroll
+      for (int f = 0; f < FN; f++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) fn(s, f, h, n0 + 16 * f + 8 * h + g);
+  };
+  auto w_at = [&](int s, int n, int chunk) { return ws[s].w + size_t(n) * Q::KW + chunk * Q::CW; };
   // Issue the global loads of k block kb (zeros where out of range) without consuming them.
   auto load = [&](int kb, Chunk& ch) {
     const int chunk = kb * 4 + tig;
@@ -280,17 +291,8 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
     }
     if constexpr (PF > 0) {
       const int pchunk = (kb + PF * WK) * 4 + tig;
-      if (pchunk * Q::VPL < K) {
-#pragma unroll
-        for (int s = 0; s < NWS; s++)
-#pragma unroll
-          for (int f = 0; f < FN; f++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-              const int n = n0 + 16 * f + 8 * h + g;
-              if (n < nlim) prefetch_l2(ws[s].w + size_t(n) * Q::KW + pchunk * Q::CW);
-            }
-      }
+      if (pchunk * Q::VPL < K)
+        each_row([&](int s, int, int, int n) { if (n < nlim) prefetch_l2(w_at(s, n, pchunk)); });
     }
   };
 
@@ -303,13 +305,9 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
   auto compute = [&](int kb, const Chunk& ch) {
     uint32_t wv[WS ? NWS : 1][WS ? FN : 1][2][Q::CW];
     if constexpr (WS) {
-#pragma unroll
-      for (int s = 0; s < NWS; s++)
-#pragma unroll
-        for (int f = 0; f < FN; f++)
-#pragma unroll
-          for (int h = 0; h < 2; h++)
-            load_words<Q::CW>(reinterpret_cast<const uint32_t*>(wsm + wslot(kb, s, f, h)), wv[s][f][h]);
+      each_row([&](int s, int f, int h, int) {
+        load_words<Q::CW>(reinterpret_cast<const uint32_t*>(wsm + wslot(kb, s, f, h)), wv[s][f][h]);
+      });
     }
     auto wword = [&](int s, int f, int h, int j) -> uint32_t {
       if constexpr (WS) return wv[WS ? s : 0][WS ? f : 0][h][j];
@@ -447,17 +445,10 @@ __device__ inline void warp_gemm(float (&acc)[NWS][FN][CG][4], const WSet<T> (&w
           }
           if constexpr (WS) {  // this thread's own W chunks of k block kb, in its own slots
             const int chunk = kb * 4 + tig;
-#pragma unroll
-            for (int s = 0; s < NWS; s++)
-#pragma unroll
-              for (int f = 0; f < FN; f++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                  const int n = n0 + 16 * f + 8 * h + g;
-                  const bool pred = chunk * Q::VPL < K && n < nlim;
-                  cp_async_16_zfill(wsm + wslot(kb, s, f, h),
-                                    pred ? ws[s].w + size_t(n) * Q::KW + chunk * Q::CW : ws[s].w, pred);
-                }
+            each_row([&](int s, int f, int h, int n) {
+              const bool pred = chunk * Q::VPL < K && n < nlim;
+              cp_async_16_zfill(wsm + wslot(kb, s, f, h), pred ? w_at(s, n, chunk) : ws[s].w, pred);
+            });
           }
         }
       }
