@@ -174,7 +174,7 @@ def _no_config(family, backend, case: Case) -> Result:
     problem = case.problem()
     gap = check_format_cuda(problem) if backend.dialect == "cuda" else None
     if gap is not None:
-        return Result(family.name, case.name, "-", False, message=f"skipped: {gap}", skipped=True)
+        return Result(family.name, case.name, "-", False, message=gap, skipped=True)
     why = Counter(family.check(problem, c, backend) for c in family.configs(backend.dialect)).most_common(1)
     return Result(family.name, case.name, "-", False,
                   message="no valid config" + (f" (mostly: {why[0][0]})" if why and why[0][0] else ""))
@@ -275,7 +275,7 @@ def default_jobs(backend) -> int:
 def format_row(r: Result) -> str:
     err = "-" if r.error is None else f"{r.error:.1e}"
     status = "skip" if r.skipped else "pass" if r.ok else "FAIL"
-    return f"{r.family:<8} {r.case:<22} {r.config:<28} {err:>8} {status:>5}  {r.message}"
+    return f"{r.family:<8} {r.case:<22} {r.config:<36} {err:>8} {status:>5}  {r.message}"
 
 
 def shipped_families(dialect: str):
@@ -314,7 +314,7 @@ def run(args) -> int:
     jobs = args.jobs or default_jobs(backend)
     t_start = time.perf_counter()
     print(f"mlx-moe-tune selftest on {backend.name}: {', '.join(f.name for f in families)}")
-    print(f"{'family':<8} {'case':<22} {'config':<28} {'error':>8} {'':>5}")
+    print(f"{'family':<8} {'case':<22} {'config':<36} {'error':>8} {'':>5}")
     results = selftest(families, backend, default_cases(args.full), check=not args.no_check,
                        max_configs=args.max_configs, jobs=jobs,
                        echo=lambda r: print(format_row(r), flush=True))
