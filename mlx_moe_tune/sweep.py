@@ -291,6 +291,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "metal", "cuda"],
                    help="device for MLX ops (auto: the GPU when MLX has one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
+                   help="search these values of tile param KEY in every family that has it (repeatable), "
+                   "e.g. PF=0,3 (L2 prefetch) or WS=0,1 (W through shared memory)")
 
 
 @dataclass
@@ -638,6 +641,9 @@ def _measure_one(kernel: SweepKernel, case, config, iters) -> dict:
 
 
 def run(args) -> int:
+    from .kernels.registry import set_space_overrides
+
+    set_space_overrides(args.space)
     plan = make_plan(args)
     where = f"{plan.preset.name} ({plan.preset.format}), m={','.join(map(str, plan.ms))}"
     print(f"sweep {where} on {plan.device}; kernels: {', '.join(plan.kernels)} -> {plan.output}", file=sys.stderr)

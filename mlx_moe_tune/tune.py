@@ -931,6 +931,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default=None,
                    help=f"per m bucket: N configs or Ns seconds (default: exhaustive up to {DEFAULT_CONFIG_BUDGET} configs)")
     p.add_argument("--families", default=None, help="comma-separated kernel families (default: all gather_qmm families)")
+    p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
+                   help="search these values of tile param KEY in every family that has it (repeatable), "
+                   "e.g. PF=0,3 (L2 prefetch) or WS=0,1 (W through shared memory)")
     p.add_argument("--backend", default=None, help="metal, cuda, emulator-metal or emulator-cuda (default: the GPU, else emulator)")
     p.add_argument("--table", default=None, help="directory the tables are written to (default: $MLX_MOE_TUNE_TABLES or ~/.cache/mlx-moe-tune/tables)")
     p.add_argument("--cache", default=None, help="measurement cache, JSONL (default: ~/.cache/mlx-moe-tune/tune-cache.jsonl)")
@@ -986,6 +989,9 @@ def shapes_from_args(args) -> list[Shape]:
 def run(args) -> int:
     from . import sweep
     from .backend import get_backend
+    from .kernels.registry import set_space_overrides
+
+    set_space_overrides(args.space)
 
     b = get_backend(args.backend)
     if args.check:

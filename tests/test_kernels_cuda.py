@@ -198,3 +198,25 @@ def test_dynamic_shared_memory_past_48kb_makes_mlx_opt_in():
     assert cuda_dynamic_smem(24 * 1024 + 64, 24 * 1024) > MLX_OPTIN_DYNAMIC  # 48 KB + 64 B
     assert cuda_dynamic_smem(32 * 1024, 64 * 1024) == 64 * 1024  # MLX opts in by itself
     assert cuda_dynamic_smem(40 * 1024, 0) == 0
+
+
+def test_space_override_adds_values_of_a_tile_param(monkeypatch):
+    """`--space PF=0,3` (sweep and tune): every family with PF searches both values, in this
+    process and its children (environment); a malformed item or a param no family has is a
+    clear error."""
+    from mlx_moe_tune.kernels.family import SPACE_ENV
+
+    monkeypatch.setenv(SPACE_ENV, "")  # restored after the test, whatever the calls below set
+    base = {n: len(list(registry.FAMILIES[n].configs("cuda"))) for n in FAMILY_NAMES}
+    assert registry.set_space_overrides(["PF=0,3", "WS=0,1"]) == {"PF": (0, 3), "WS": (0, 1)}
+    for n in FAMILY_NAMES:
+        cfgs = list(registry.FAMILIES[n].configs("cuda"))
+        assert len(cfgs) == base[n] * (4 if n.startswith("qmm") else 2)  # WS is qmm's only
+        assert {c["PF"] for c in cfgs} == {0, 3}
+    valid = registry.FAMILIES["qmm"].valid_configs(SEED, CUDA)
+    assert any(c["WS"] == 1 for c in valid) and all(c["BM"] >= 16 for c in valid if c["WS"] == 1)
+    for bad in (["PF"], ["PF=a"], ["PF=0,,3"], ["=3"]):
+        with pytest.raises(ValueError, match="KEY=V1,V2"):
+            registry.set_space_overrides(bad)
+    with pytest.raises(ValueError, match="no kernel family has tile parameter"):
+        registry.set_space_overrides(["XQ=1"])

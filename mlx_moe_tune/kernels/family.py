@@ -6,6 +6,7 @@ The same family object serves Metal, CUDA and the emulator; the backend only dec
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -14,6 +15,31 @@ from ..sources import read_source
 from .common import template_args
 
 Config = Mapping[str, int]
+
+# Tile-space overrides for this process and its children (sweep/tune `--space KEY=V1,V2`): every
+# family with param KEY searches these values instead of its own, e.g. PF=0,3 before a value of
+# PF is in the shipped space. Format: "KEY=V1,V2;KEY2=V1".
+SPACE_ENV = "MLX_MOE_TUNE_SPACE"
+
+
+def parse_space(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """["PF=0,3", "WS=0,1"] -> {"PF": (0, 3), "WS": (0, 1)}; ValueError naming a malformed item."""
+    out = {}
+    for item in items:
+        key, eq, vals = item.partition("=")
+        try:
+            values = tuple(int(v) for v in vals.split(","))
+        except ValueError:
+            values = ()
+        if not eq or not key.strip().isalpha() or not values:
+            raise ValueError(f"--space {item!r}: expected KEY=V1,V2,... with integer values (e.g. PF=0,3)")
+        out[key.strip()] = values
+    return out
+
+
+def space_overrides() -> dict[str, tuple[int, ...]]:
+    text = os.environ.get(SPACE_ENV, "")
+    return parse_space([t for t in text.split(";") if t]) if text else {}
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,8 @@ class KernelFamily:
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def configs(self, dialect: str) -> Iterator[dict[str, int]]:
-        space = self.space.get(dialect, {})
+        over = space_overrides()
+        space = {k: over.get(k, v) for k, v in self.space.get(dialect, {}).items()}
         keys = list(space)
         for vals in itertools.product(*(space[k] for k in keys)):
             yield dict(zip(keys, vals))

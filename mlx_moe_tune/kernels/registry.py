@@ -16,6 +16,24 @@ def families() -> list[KernelFamily]:
     return list(FAMILIES.values())
 
 
+def set_space_overrides(items) -> dict:
+    """Apply `--space KEY=V1,V2` items to this process and the ones it starts (kernels.family
+    SPACE_ENV); a KEY no family searches is an error. Returns the parsed overrides."""
+    import os
+
+    from .family import SPACE_ENV, parse_space
+
+    over = parse_space(items or [])
+    known = {k for f in FAMILIES.values() for sp in f.space.values() for k in sp}
+    unknown = sorted(set(over) - known)
+    if unknown:
+        raise ValueError(f"--space: no kernel family has tile parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    if over:
+        os.environ[SPACE_ENV] = ";".join(f"{k}={','.join(map(str, v))}" for k, v in over.items())
+    return over
+
+
 def get(name: str) -> KernelFamily:
     try:
         return FAMILIES[name]

@@ -6,9 +6,9 @@
 #                                    # 0 vs 1; then the emulator-vs-GPU test (PF=WS=0 only)
 #   bash scripts/h200/next.sh rest   # ~550 s: decode layer (compiled, now the default, vs not),
 #                                    # e2e with the compiled decode path, the whole gpu suite
-# If one wins: add its value to qmv.py / qmm.py CUDA_SPACE (each value doubles the NVRTC compiles
-# and the tune; tests/test_kernels_cuda.py caps a space at 16 configs), re-tune
-# (scripts/h200/steps.sh step_tune) and check the tables. A fresh machine spends minutes in MLX's first NVRTC compiles.
+# If one wins: re-tune with it searched (step_tune --space PF=0,3 and/or --space WS=0,1; each value
+# doubles the NVRTC compiles and the tune), check the tables, and then put the value in qmv.py /
+# qmm.py CUDA_SPACE in place of a losing one (tests/test_kernels_cuda.py caps a space at 16). A fresh machine spends minutes in MLX's first NVRTC compiles.
 # Results: $OUT/next-<step>.tgz.
 set -u
 . "$(dirname "$0")/steps.sh"
