@@ -125,13 +125,9 @@ def test_selftest_skips_a_format_the_cuda_kernels_do_not_take(capsys):
     assert out.count(" skip ") == len(fams) and "float16 or bfloat16" in out and "FAIL" not in out
 
 
-@pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32)])
-def test_l2_prefetch_configs_on_emulator(bits, gs):
-    """PF > 0 (L2 prefetch of later k blocks' W chunks; not in the searched space yet): the same
-    results as the numpy reference, and with the bounds check on, every prefetched address inside
-    w. K = 6 k blocks of 4-bit so that PF = 2 reaches ahead and runs off the end (2-bit gs32: a
-    lane's chunk is 8 bytes, the smallest)."""
-    backend = _emulator_cuda()
+def _prefetch_failures(backend, bits, gs) -> list[str]:
+    """PF=2 on the first and last valid config of each family (2-bit: qmv only), vs numpy. K = 6 k
+    blocks so that PF = 2 reaches ahead and runs off the end (2-bit gs32: 8-byte lane chunks)."""
     kb = 4 * min(gs * bits // 32, 4) * (32 // bits)  # k values per k block (mmt_gather.cuh QGeom::KB)
     case = selftest.Case(f"pf-{bits}b-gs{gs}", counts=(0, 1, 5, 37), k=6 * kb, n=72, bits=bits, group_size=gs)
     inputs = selftest.build_inputs(case)
@@ -145,9 +141,19 @@ def test_l2_prefetch_configs_on_emulator(bits, gs):
             err, _ = selftest.run_config(fam, backend, case, cfg, inputs, check=True)
             if not err <= selftest.TOLERANCE[case.dtype]:
                 bad.append(f"{fam.name} {config_id(cfg)}: {err:.2e}")
-    assert not bad, bad
-    assert registry.FAMILIES["qmv"].check(case.problem(), {**valid[0], "PF": -1}, backend) is not None
+    return bad
 
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32)])
+def test_l2_prefetch_configs_on_emulator(bits, gs):
+    """PF > 0 (L2 prefetch of later k blocks' W chunks; not in the searched space yet): the same
+    results as the numpy reference, and with the bounds check on, every prefetched address inside w."""
+    backend = _emulator_cuda()
+    bad = _prefetch_failures(backend, bits, gs)
+    assert not bad, bad
+    case = selftest.Case("pf", counts=(1,), k=128, n=16)
+    cfg = registry.FAMILIES["qmv"].valid_configs(case.problem(), backend)[0]
+    assert registry.FAMILIES["qmv"].check(case.problem(), {**cfg, "PF": -1}, backend) is not None
 
 def test_dynamic_shared_memory_is_a_kernel_object_setting():
     """MLX's cuda_kernel takes dynamic shared memory at construction: one kernel object per size,
@@ -163,12 +169,9 @@ def test_dynamic_shared_memory_is_a_kernel_object_setting():
         fam.kernel(EMULATOR_METAL, 1024)
 
 
-def test_w_through_shared_memory_on_emulator():
-    """WS=1 (W chunks cp.async'd into dynamic shared memory with the x tile; not in the searched
-    space yet) on shared-x tiles of qmm and qmm_glu: the numpy reference's results, with the
-    emulator's bounds and race checks on. K = 6 k blocks (the 2-3 stage ring wraps); KU 1 and 2,
-    the largest tile also with PF=2; BM=8 (no shared-x path) is refused with the reason."""
-    backend = _emulator_cuda()
+def _shared_w_failures(backend) -> tuple[int, list[str]]:
+    """WS=1 on BM16 KU1/KU2 and the largest shared-x tile of qmm and qmm_glu (that one with PF=2
+    too), K = 6 k blocks (the 2-3 stage ring wraps), vs numpy: (configs run, failures)."""
     case = selftest.Case("ws", counts=(0, 1, 5, 37), k=6 * 128, n=72, group_size=64)
     inputs = selftest.build_inputs(case)
     bad, ran = [], 0
@@ -184,10 +187,31 @@ def test_w_through_shared_memory_on_emulator():
             ran += 1
             if not err <= selftest.TOLERANCE[case.dtype]:
                 bad.append(f"{name} {config_id(cfg)}: {err:.2e}")
+    return ran, bad
+
+
+def test_w_through_shared_memory_on_emulator():
+    """WS=1 (W chunks cp.async'd into dynamic shared memory with the x tile; not in the searched
+    space yet): the numpy reference's results, with the emulator's bounds and race checks on;
+    BM=8 (no shared-x path) is refused with the reason."""
+    backend = _emulator_cuda()
+    ran, bad = _shared_w_failures(backend)
     assert ran == 6 and not bad, bad
+    case = selftest.Case("ws", counts=(1,), k=128, n=16)
     bm8 = {"BM": 8, "FN": 2, "WN": 4, "WK": 1, "MC": 4, "KU": 1, "PF": 0, "WS": 1}
     assert "shared-x path" in registry.FAMILIES["qmm"].check(case.problem(), bm8, backend)
 
+
+@pytest.mark.gpu
+def test_prefetch_and_shared_w_on_gpu():
+    """The PF and WS configs of the two emulator tests above, through MLX's CUDA backend."""
+    import mlx.core as mx
+
+    if not (getattr(mx, "cuda", None) and mx.cuda.is_available()):
+        pytest.skip("needs MLX's CUDA backend")
+    bad = _prefetch_failures(CUDA, 4, 64) + _prefetch_failures(CUDA, 2, 32)
+    ran, ws_bad = _shared_w_failures(CUDA)
+    assert ran == 6 and not bad + ws_bad, bad + ws_bad
 
 def test_dynamic_shared_memory_past_48kb_makes_mlx_opt_in():
     """A block's static + dynamic shared memory may pass 48 KB only after the opt-in, which MLX's
