@@ -9,7 +9,8 @@
 #                                    # e2e with the compiled decode path, the whole gpu suite
 # If one wins: re-tune with it searched (step_tune --space PF=0,3 and/or --space WS=0,1; each value
 # doubles the NVRTC compiles and the tune), check the tables, and then put the value in qmv.py /
-# qmm.py CUDA_SPACE in place of a losing one (tests/test_kernels_cuda.py caps a space at 16). A fresh machine spends minutes in MLX's first NVRTC compiles.
+# qmm.py CUDA_SPACE in place of a losing one (tests/test_kernels_cuda.py caps a space at 16).
+# A fresh machine spends minutes in MLX's first NVRTC compiles.
 # Results: $OUT/next-<step>.tgz.
 set -u
 . "$(dirname "$0")/steps.sh"
