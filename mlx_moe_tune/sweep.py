@@ -270,6 +270,8 @@ def check_format(mode: str, bits: int, group_size: int, dtype: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .kernels.registry import add_space_argument
+
     p.add_argument("--preset", help="sweeps/<NAME>.toml (default: tiny on CPU, gemma-26b-a4b on a GPU)")
     p.add_argument("--shape", help="E,K,N,TOPK instead of a preset (one matrix)")
     p.add_argument("--m", help="rows per expert: 1..64 (all), 1..64x2 (powers of 2), 1,3,16 (default: the preset's)")
@@ -291,9 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "metal", "cuda"],
                    help="device for MLX ops (auto: the GPU when MLX has one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
-                   help="search these values of tile param KEY in every family that has it (repeatable), "
-                   "e.g. PF=0,3 (L2 prefetch) or WS=0,1 (W through shared memory)")
+    add_space_argument(p)
 
 
 @dataclass

@@ -920,6 +920,8 @@ def _cid(config) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .kernels.registry import add_space_argument
+
     p.add_argument("--preset", help="sweep preset(s), comma-separated (sweeps/NAME.toml): their shapes and format "
                    "(default: tiny on the CPU, gemma-26b-a4b on a GPU)")
     p.add_argument("--shape", help="E,K,N,TOPK instead of a preset")
@@ -931,9 +933,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default=None,
                    help=f"per m bucket: N configs or Ns seconds (default: exhaustive up to {DEFAULT_CONFIG_BUDGET} configs)")
     p.add_argument("--families", default=None, help="comma-separated kernel families (default: all gather_qmm families)")
-    p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
-                   help="search these values of tile param KEY in every family that has it (repeatable), "
-                   "e.g. PF=0,3 (L2 prefetch) or WS=0,1 (W through shared memory)")
+    add_space_argument(p)
     p.add_argument("--backend", default=None, help="metal, cuda, emulator-metal or emulator-cuda (default: the GPU, else emulator)")
     p.add_argument("--table", default=None, help="directory the tables are written to (default: $MLX_MOE_TUNE_TABLES or ~/.cache/mlx-moe-tune/tables)")
     p.add_argument("--cache", default=None, help="measurement cache, JSONL (default: ~/.cache/mlx-moe-tune/tune-cache.jsonl)")

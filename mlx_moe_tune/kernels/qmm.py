@@ -93,9 +93,8 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
         return f"WS={ws} must be 0 or 1 (W through shared memory)"
     if ws and not xs_bytes:
         return "WS=1 (W through shared memory) needs the shared-x path: 4-bit weights and BM >= 16"
-    if ws and xs_bytes + ws_smem_bytes(problem, config, glu) + 64 > backend.max_shared_bytes:
-        return (f"WS=1: {xs_bytes + ws_smem_bytes(problem, config, glu)} B of shared memory > "
-                f"{backend.max_shared_bytes} B (lower BM, FN or KU)")
+    if ws and (total := xs_bytes + ws_smem_bytes(problem, config, glu)) + 64 > backend.max_shared_bytes:
+        return f"WS=1: {total} B of shared memory > {backend.max_shared_bytes} B (lower BM, FN or KU)"
     if bm % 8 or bm <= 0:
         return f"BM={bm} must be a positive multiple of 8 (the mma n side)"
     if mc < 1:

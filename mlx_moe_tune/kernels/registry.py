@@ -16,6 +16,13 @@ def families() -> list[KernelFamily]:
     return list(FAMILIES.values())
 
 
+def add_space_argument(p) -> None:
+    """`--space KEY=V1,V2` of sweep and tune (applied by set_space_overrides)."""
+    p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
+                   help="search these values of tile param KEY in every family that has it (repeatable), "
+                   "e.g. PF=0,3 (L2 prefetch) or WS=0,1 (W through shared memory)")
+
+
 def set_space_overrides(items) -> dict:
     """Apply `--space KEY=V1,V2` items to this process and the ones it starts (kernels.family
     SPACE_ENV); a KEY no family searches is an error. Returns the parsed overrides."""

@@ -107,7 +107,7 @@ def main(old: Path | None, out: Path, rounds: int, vary: tuple[str, list[int]] |
             base, _, c = cid.partition(":")
             for name, fams, tweak in variants:
                 cfg = tweak(parse_config_id(c))
-                why = fams[base].check(p, fams[base].complete(cfg, "cuda"), case.backend)
+                why = fams[base].check(p, fams[base].complete(cfg, case.backend.dialect), case.backend)
                 if why is not None:
                     print(f"skip m={m} {cid} {name}: {why}", flush=True)
                     continue
