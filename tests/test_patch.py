@@ -90,9 +90,14 @@ def _stock_fallbacks(glu) -> dict:
             if "_mmt_fallback" in glu[n].__dict__}
 
 
+def _rel_err(a, b) -> float:
+    """max |a - b| relative to max |b|."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
 def _assert_close(a, b, tol=0.05):
     assert a.shape == b.shape
-    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-6)
+    err = _rel_err(a, b)
     assert err < tol, f"relative max error {err:.3g}"
 
 
@@ -275,8 +280,9 @@ def _decode_steps(model):
 
 def test_decode_steps_on_emulator():
     """The decode path (qmv_glu + qmv; the emulator cannot be traced, so uncompiled) step by step
-    with the KV cache, on the emulator running the CUDA sources, against stock logits. One MoE layer: with two, a rounding
-    difference in layer 1 can flip layer 2's top-k choice (see test_patched_logits_match)."""
+    with the KV cache, on the emulator running the CUDA sources, against stock logits. One MoE
+    layer: with two, a rounding difference in layer 1 can flip layer 2's top-k choice (see
+    test_patched_logits_match)."""
     pytest.importorskip("mlx_moe_tune.ops", reason="mlx_moe_tune.ops (H-cuda) not present")
     model = _model(layers=1)
     ref = _decode_steps(model)
@@ -301,7 +307,7 @@ def _switchglu_decode_errors(compile: bool, backend=None) -> list[float]:
                                  for t in range(L)]).reshape(1, L, k).astype(np.uint32))
         r = _on_cpu(stock, x, idx)
         g = np.array(tuned(x, idx).astype(mx.float32))
-        errs.append(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-6)))
+        errs.append(_rel_err(g, r))
     assert ("_mmt_compiled" in tuned.__dict__) == compile, getattr(tuned, "_mmt_compile_error", None)
     return errs
 
