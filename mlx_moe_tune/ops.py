@@ -157,8 +157,8 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
 
 def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> tuple[dict, int]:
     """Kernel-call keywords of one (family, tile, problem), less inputs and output dtypes, and the
-    dynamic shared memory the kernel object is built with (family.kernel)."""
-    config = fam.complete(config, backend.dialect)  # e.g. a config id from before PF existed
+    dynamic shared memory the kernel object is built with (family.kernel). `config` is complete
+    (family.complete: every tile param, optional ones included)."""
     launch = fam.launch(problem, config, backend)
     kwargs = dict(template=template_args(problem, config, x_div), grid=launch.grid,
                   threadgroup=launch.threadgroup, output_shapes=[(problem.rows, problem.n)])
@@ -167,6 +167,7 @@ def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> tuple[
 
 def _run(fam, problem, config, backend: Backend, inputs: list, x_div: int) -> mx.array:
     """One launch with a given tile (A/B scripts; the op itself memoizes _launch_kwargs)."""
+    config = fam.complete(config, backend.dialect)  # e.g. a config id from before PF existed
     kwargs, smem = _launch_kwargs(fam, problem, config, backend, x_div)
     (y,) = fam.kernel(backend, smem)(inputs=inputs, output_dtypes=[inputs[0].dtype], **kwargs)
     return y

@@ -138,9 +138,9 @@ def _prefetch_failures(backend, bits, gs) -> list[str]:
         for cfg in {config_id(c): c for c in (valid[0], valid[-1])}.values():
             cfg = {**cfg, "PF": 2}
             assert fam.check(case.problem(), cfg, backend) is None
-            err, _ = selftest.run_config(fam, backend, case, cfg, inputs, check=True)
-            if not err <= selftest.TOLERANCE[case.dtype]:
-                bad.append(f"{fam.name} {config_id(cfg)}: {err:.2e}")
+            r = selftest._run_one(fam, backend, case, cfg, inputs, check=True)
+            if not r.ok:
+                bad.append(selftest.format_row(r))
     return bad
 
 
@@ -154,6 +154,7 @@ def test_l2_prefetch_configs_on_emulator(bits, gs):
     case = selftest.Case("pf", counts=(1,), k=128, n=16)
     cfg = registry.FAMILIES["qmv"].valid_configs(case.problem(), backend)[0]
     assert registry.FAMILIES["qmv"].check(case.problem(), {**cfg, "PF": -1}, backend) is not None
+
 
 def test_dynamic_shared_memory_is_a_kernel_object_setting():
     """MLX's cuda_kernel takes dynamic shared memory at construction: one kernel object per size,
@@ -183,10 +184,10 @@ def _shared_w_failures(backend) -> tuple[int, list[str]]:
             cfg = {**cfg, "WS": 1, "PF": 2 if i == 2 else 0}
             assert fam.check(case.problem(), cfg, backend) is None, config_id(cfg)
             assert fam.launch(case.problem(), cfg, backend).shared_memory > 0
-            err, _ = selftest.run_config(fam, backend, case, cfg, inputs, check=True)
+            r = selftest._run_one(fam, backend, case, cfg, inputs, check=True)
             ran += 1
-            if not err <= selftest.TOLERANCE[case.dtype]:
-                bad.append(f"{name} {config_id(cfg)}: {err:.2e}")
+            if not r.ok:
+                bad.append(selftest.format_row(r))
     return ran, bad
 
 
