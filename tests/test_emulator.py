@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -411,14 +410,10 @@ def _gather_case(rows=64, K=512, N=256, E=4):
     return run, ref
 
 
-def test_gather_matmul_speed_64x512x256():
+def test_gather_matmul_64x512x256():
+    """The gather case at a shape larger than the kernel tests use (its speed is not asserted)."""
     run, ref = _gather_case()
-    run()  # compile (cached on disk across runs)
-    t0 = time.perf_counter()
-    y = run()
-    dt = time.perf_counter() - t0
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
-    assert dt < 5.0, f"64x512x256 gather took {dt:.2f} s"
+    np.testing.assert_allclose(run(), ref, rtol=1e-4, atol=1e-3)
 
 
 def test_gather_matmul_check_mode_silent():

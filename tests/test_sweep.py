@@ -104,12 +104,11 @@ def test_tiny_sweep_csv_json_and_gbps(tmp_path):
     assert "rotate" in meta["points"]["w/m=1"]
 
 
-def test_default_tiny_sweep_is_quick(tmp_path):
-    """The README's command on a CPU: the default preset (tiny) over 1..64x2 in < 60 s."""
-    t0 = time.perf_counter()
+def test_default_tiny_sweep_covers_the_m_grid(tmp_path):
+    """The README's command on a CPU: the default preset (tiny) over 1..64x2. (How long it
+    takes is reported by the sweep's own log, not asserted: no speed targets in unit tests.)"""
     rc, out = _sweep(tmp_path)
     assert rc == 0
-    assert time.perf_counter() - t0 < 60
     assert sorted({int(r["m"]) for r in _rows(out)}) == [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -236,17 +235,23 @@ def test_time_fn_against_direct_wall_clock():
         mx.synchronize()
         direct.append((time.perf_counter() - t0) * 1e6)
     t = measure.time_fn(fn, iters=5, warmup=1)
-    assert 0.3 * min(direct) <= t.median_us <= 2.0 * sorted(direct)[3]
+    # wide bounds: this checks what is timed (the eval, per call), not how fast the CPU is
+    assert 0.25 * min(direct) <= t.median_us <= 3.0 * max(direct)
     assert t.p10_us <= t.median_us <= t.p90_us and t.iters == 5
 
 
 def test_time_fn_excludes_python_graph_building():
+    """Host-side work while the lazy graph is built is outside the timed region. The sleep is
+    long (50 ms) against what the timed region holds (one scalar add), so the bound has a wide
+    margin on a loaded 2-core CI machine: a 3 ms sleep against a 1 ms bound once read 1.3 ms."""
+    host_s = 0.05
+
     def fn():
-        time.sleep(0.003)  # host-side work while building the lazy graph
+        time.sleep(host_s)
         return mx.array(1.0) + 1
 
-    t = measure.time_fn(fn, iters=5, warmup=1)
-    assert t.median_us < 1000
+    t = measure.time_fn(fn, iters=3, warmup=1, batch=1)
+    assert t.median_us < 0.5 * host_s * 1e6
 
 
 @pytest.mark.gpu
