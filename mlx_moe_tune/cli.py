@@ -13,6 +13,7 @@ COMMANDS = {
     "selftest": ("mlx_moe_tune.selftest", "run every shipped kernel config on small shapes vs the numpy reference"),
     "report": ("mlx_moe_tune.report", "a sweep CSV as a markdown table (stock vs best tuned per m)"),
     "tune": ("mlx_moe_tune.tune", "search tile configs per m bucket and write a tuning table"),
+    "ptxas": ("mlx_moe_tune.nvrtc", "compile the CUDA configs with NVRTC (no GPU needed): registers, spills, occupancy"),
 }
 
 

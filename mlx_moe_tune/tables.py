@@ -401,6 +401,14 @@ def _all_tables(table_dir) -> Iterable[Table]:
             yield from tables
 
 
+def table_picks(problem, backend_name: str = "cuda", table_dir=None) -> list[tuple[Table, Bucket]]:
+    """Every bucket with a config in the tables of this problem's shape and format for
+    `backend_name`, on any device (what `mlx-moe-tune ptxas` marks as shipped choices)."""
+    key = problem_key(problem, backend_name, device="")
+    return [(t, b) for t in _all_tables(table_dir) for b in t.buckets
+            if b.config and t.key[:1] + t.key[2:] == key[:1] + key[2:]]
+
+
 def _shape_distance(t: Table, problem) -> float:
     # K and N set the weight-tile geometry; E matters far less (it only scales the grid)
     return abs(math.log2(t.K / problem.k)) + abs(math.log2(t.N / problem.n)) + 0.1 * abs(

@@ -29,7 +29,7 @@ def test_shipped_space_is_small_and_valid_on_seed_shape(name):
     assert 8 <= len(space) <= 16  # every one is a separate NVRTC compile per shape
     valid = fam.valid_configs(SEED, CUDA)
     # the fused variants hold two weight sets: their larger tiles exceed the register budget
-    need = len(space) // 2 if name.endswith("_glu") else len(space) - 4
+    need = len(space) * 3 // 8 if name.endswith("_glu") else len(space) - 4
     assert len(valid) >= need, [config_id(c) for c in space if c not in valid]
     body, header = fam.sources["cuda"].text()
     assert "mmt::" in body and "namespace mmt" in header

@@ -30,6 +30,19 @@ def cuda_dynamic_smem(static: int, dynamic: int) -> int:
 
 # Accumulator floats per lane above which the register tile spills (255 regs per thread).
 CUDA_MAX_ACC = 64
+# W fragments a lane holds in flight: weight sets x FN x KU. Above 4, ptxas spills: compiled with
+# NVRTC 13.5 for sm_90a at the gemma-26b-a4b shapes (`mlx-moe-tune ptxas`, sweeps/results/nvrtc/),
+# every shipped-space config above it spilled (qmm_glu FN2 KU2 at BM 8/16/32: 124-636 B; qmv_glu
+# FN2 KU2: 272 B) and none at or below it did (up to 255 registers without a spill).
+CUDA_MAX_W_IN_FLIGHT = 4
+
+
+def check_w_in_flight(config, sets: int) -> str | None:
+    n = sets * config["FN"] * config["KU"]
+    if n > CUDA_MAX_W_IN_FLIGHT:
+        return (f"{sets} weight set(s) x FN={config['FN']} x KU={config['KU']} = {n} W fragments in flight "
+                f"per lane > {CUDA_MAX_W_IN_FLIGHT} (ptxas spills registers)")
+    return None
 CUDA_DTYPES = ("float16", "bfloat16")  # the mma.sync operand types
 GRID_LIMIT = 2**31 - 1  # grid.x in threads is an int
 

@@ -18,7 +18,7 @@ from typing import Mapping
 from ..backend import Backend
 from . import metal_tiles
 from .common import (CUDA_MAX_ACC, CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda,
-                     check_prefetch, cuda_dynamic_smem)
+                     check_prefetch, check_w_in_flight, cuda_dynamic_smem)
 from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
@@ -105,6 +105,8 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     acc = (2 if glu else 1) * fn * (bm // 8) * 4
     if acc > CUDA_MAX_ACC:
         return f"{acc} accumulator floats per lane > {CUDA_MAX_ACC} (register spill)"
+    if (why := check_w_in_flight(config, 2 if glu else 1)) is not None:
+        return why
     smem = (wk - 1) * wn * acc * WARP * 4
     if smem > CUDA_STATIC_SMEM:
         return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"

@@ -16,7 +16,8 @@ from typing import Mapping
 
 from ..backend import Backend
 from . import metal_tiles
-from .common import CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, check_prefetch
+from .common import (CUDA_STATIC_SMEM, GRID_LIMIT, WARP, ceil_div, check_format_cuda, check_prefetch,
+                     check_w_in_flight)
 from .family import Launch, gather_families
 
 CUDA_SPACE: dict[str, tuple[int, ...]] = {
@@ -59,6 +60,8 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
         # register file (the H100 refuses the launch: "too many resources requested")
         return (f"{threads} threads x KU={config['KU']} x {sets} weight set(s) exceed the register "
                 f"file (threads*KU*sets <= 512)")
+    if (why := check_w_in_flight(config, sets)) is not None:
+        return why
     smem = (wk - 1) * wn * sets * fn * 4 * WARP * 4
     if smem > CUDA_STATIC_SMEM:
         return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
