@@ -275,8 +275,10 @@ def test_seconds_budget_is_respected(tmp_path):
                  budget="0.6s", ms=(1,))
     elapsed = time.perf_counter() - t0
     (br,) = rep.buckets[(4, 128, 32)]
-    assert br.seconds <= 0.6 + 0.2  # one measurement (plus a verification) of slack
-    assert elapsed < 5
+    # one measurement plus a verification of slack, with room for a loaded CI machine; all 60
+    # candidates would take >= 3 s
+    assert br.seconds <= 0.6 + 0.5
+    assert elapsed < 10
     skipped = [r for r in br.results if r.status == "skipped"]
     assert skipped, "60 candidates x 50 ms cannot all fit in 0.6 s"
     assert br.best is not None and br.best.status == "ok"
