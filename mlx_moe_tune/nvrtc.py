@@ -20,8 +20,9 @@ import json
 import os
 import re
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_LIB = "MLX_MOE_TUNE_NVRTC"  # path of libnvrtc.so, overriding the search below
@@ -144,7 +145,9 @@ class Resources:
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+# "Used 128 registers, used 1 barriers, 40 bytes cumulative stack size, 24576 bytes smem": the
+# middle items come and go (no barrier, no stack), so each is looked for on its own
+_PTXAS_USED = re.compile(r"Used (\d+) registers[^\n]*")
 
 
 def parse_ptxas(log: str, kernel: str) -> dict:
@@ -157,8 +160,14 @@ def parse_ptxas(log: str, kernel: str) -> dict:
         frame, used = _PTXAS_FRAME.search(b), _PTXAS_USED.search(b)
         if not (frame and used):
             break
-        return dict(registers=int(used.group(1)), barriers=int(used.group(2) or 0),
-                    static_smem=int(used.group(3) or 0), stack_bytes=int(frame.group(1)),
+        line = used.group(0)
+
+        def item(pattern: str) -> int:
+            found = re.search(pattern, line)
+            return int(found.group(1)) if found else 0
+
+        return dict(registers=int(used.group(1)), barriers=item(r"used (\d+) barriers"),
+                    static_smem=item(r"(\d+) bytes smem"), stack_bytes=int(frame.group(1)),
                     spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
     raise NvrtcError(f"no ptxas report for kernel {kernel!r} in NVRTC's log:\n{log[-2000:]}")
 
@@ -181,11 +190,13 @@ def compile_source(text: str, kernel: str, arch: str = ARCH, tk: Toolkit | None 
     opts = ["--device-as-default-execution-space", f"--gpu-architecture={arch}",
             *(f"--include-path={p}" for p in tk.include), "--ptxas-options=-v"]
     key = hashlib.sha256("\0".join([ver, *opts[:2], text]).encode()).hexdigest()[:32]
-    cached = _cache_dir() / f"{key}.json"
+    cached = _cache_dir() / f"{key}.log.json"  # the compiler's log, parsed on every read
     if cached.exists():
         try:
-            return Resources(**json.loads(cached.read_text()))
-        except (ValueError, TypeError):
+            entry = json.loads(cached.read_text())
+            return Resources(kernel=kernel, arch=arch, nvrtc=ver, compile_s=entry["compile_s"],
+                             **parse_ptxas(entry["log"], kernel))
+        except (ValueError, TypeError, KeyError, NvrtcError):
             pass  # a torn or old-format entry: compile again
     lib = _nvrtc(tk)
     prog = ctypes.c_void_p()
@@ -209,8 +220,8 @@ def compile_source(text: str, kernel: str, arch: str = ARCH, tk: Toolkit | None 
         raise NvrtcError(f"NVRTC {ver} ({arch}) does not compile {kernel}: " + "; ".join(errors[:5])
                          + f"\n--- log ---\n{log[-4000:]}")
     res = Resources(kernel=kernel, arch=arch, nvrtc=ver, compile_s=round(seconds, 3), **parse_ptxas(log, kernel))
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(res)))
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(dict(log=log, compile_s=res.compile_s)))
     os.replace(tmp, cached)
     return res
 
@@ -247,8 +258,28 @@ def family_source(fam, problem, config, x_div: int = 1) -> tuple[str, str]:
                        [_Sig(d) for d in ins], outs, template)
 
 
-def family_resources(fam, problem, config, x_div: int = 1, arch: str = ARCH) -> Resources:
+def with_launch_bounds(text: str, kernel: str, threads: int, min_blocks: int) -> str:
+    """`text` with a declaration of `kernel` carrying `__launch_bounds__(threads, min_blocks)`
+    before its definition. MLX writes the signature itself, so this is the one place a bound can
+    go; NVRTC applies a declaration's bound to the definition (ptxas then caps the registers
+    at what `min_blocks` blocks per SM leave, spilling the rest)."""
+    start = text.index(f"__global__ void {kernel}(")
+    signature = text[start:text.index(") {", start) + 1]
+    decl = signature.replace("__global__ void ", f"__global__ void __launch_bounds__({threads}, {min_blocks}) ", 1)
+    return text[:start] + decl + ";\n\n" + text[start:]
+
+
+def family_resources(fam, problem, config, x_div: int = 1, arch: str = ARCH, min_blocks: int = 0) -> Resources:
+    """ptxas's figures for one config; min_blocks > 0 compiles it as if launch-bounded to that
+    many blocks per SM: what a register cap would cost in spills. (mx.fast.cuda_kernel has no
+    option for a bound; the same declaration in a kernel's header would carry one. The op does not
+    do that: no bounded kernel has run on a GPU yet.)"""
     name, text = family_source(fam, problem, config, x_div)
+    if min_blocks:
+        from .backend import CUDA
+
+        tg = fam.launch(problem, config, CUDA).threadgroup
+        text = with_launch_bounds(text, name, tg[0] * tg[1] * tg[2], min_blocks)
     return compile_source(text, name, arch)
 
 
@@ -264,7 +295,7 @@ def _variants(fam, config) -> list[dict]:
     return [{**config, **dict(zip(over, vals))} for vals in itertools.product(*over.values())]
 
 
-def _rows(preset, families, m: int, arch: str, jobs: int, tables_only: bool):
+def _rows(preset, families, m: int, arch: str, jobs: int, tables_only: bool, min_blocks: int = 0):
     from concurrent.futures import ThreadPoolExecutor
 
     from .backend import CUDA
@@ -303,7 +334,7 @@ def _rows(preset, families, m: int, arch: str, jobs: int, tables_only: bool):
         row = dict(matrix=mat, k=problem.k, n=problem.n, family=fam.name, config=cid, threads=threads,
                    dynamic_smem=launch.shared_memory, tables=" ".join(buckets))
         try:
-            r = family_resources(fam, problem, cfg, x_div, arch)
+            r = family_resources(fam, problem, cfg, x_div, arch, min_blocks)
         except NvrtcError as e:
             return {**row, "status": "failed", "error": str(e).splitlines()[0]}
         blocks, limit = r.blocks_per_sm(threads, launch.shared_memory)
@@ -327,6 +358,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=int, default=16, help="rows per expert the validity checks assume (default 16)")
     p.add_argument("--tables-only", action="store_true",
                    help="only the configs the tuning tables pick (with --space: each crossed with its values)")
+    p.add_argument("--min-blocks", type=int, default=0,
+                   help="compile as if __launch_bounds__(threads, N): the registers and spills of a "
+                   "register cap for N blocks per SM (a what-if; the op's kernels are not bounded)")
     p.add_argument("--arch", default=ARCH, help=f"NVRTC target (default {ARCH}: H100/H200, as MLX's JIT)")
     p.add_argument("--out", default=None, help="also write the rows as CSV here (with a .json of metadata)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -355,7 +389,9 @@ def run(args) -> int:
     print(f"{'matrix':<8} {'family':<8} {'config':<36} {'thr':>4} {'regs':>4} {'spill':>6} {'smem':>6} "
           f"{'blk/SM':>6} {'occ':>5}  {'limit':<13} tables (device:m)")
     rows = []
-    for r in _rows(preset, families, args.m, args.arch, args.jobs, args.tables_only):
+    if args.min_blocks < 0:
+        raise ValueError("--min-blocks must be >= 0")
+    for r in _rows(preset, families, args.m, args.arch, args.jobs, args.tables_only, args.min_blocks):
         rows.append(r)
         if r["status"] != "ok":
             print(f"{r['matrix']:<8} {r['family']:<8} {r['config']:<36} FAILED {r['error']}", flush=True)
@@ -374,6 +410,7 @@ def run(args) -> int:
         cols = list(dict.fromkeys(k for r in rows for k in r))
         write_rows(args.out, rows, cols)
         meta = dict(producer="mlx-moe-tune ptxas", preset=preset.name, m=args.m, arch=args.arch,
+                    min_blocks=args.min_blocks, space=args.space or [], tables_only=args.tables_only,
                     nvrtc=version(tk), nvrtc_lib=str(tk.lib), git_commit=_git_commit(),
                     date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         Path(args.out).with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -107,6 +107,18 @@ def _choice(problem, backend, family, config, glu, sorted_layout, top_k):
     return hit[0], dict(hit[1]), hit[2]
 
 
+def _fit_glu(fam, problem, config, backend):
+    """A single-set tile made to fit the fused kernel, which holds two weight sets: as given if
+    valid, else with the N tile halved (FN=1), else also one k block per step (KU=1), both of
+    which halve its registers in flight. The first valid one; the given one if none is (its
+    check then says why)."""
+    for change in ({}, {"FN": 1}, {"KU": 1}, {"FN": 1, "KU": 1}):
+        cand = {**config, **{k: v for k, v in change.items() if k in config}}
+        if fam.check(problem, cand, backend) is None:
+            return cand
+    return config
+
+
 def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k):
     source = "argument" if (family is not None or config is not None) else "default"
     if isinstance(config, str):
@@ -129,16 +141,13 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
         if hit is not None and hit[1] is not None:
             family, config = hit
             source = "table"
-            if glu:
-                family += "_glu"
         elif backend.dialect == "metal":  # Metal tiles have their own parameters
             family, config = metal_tiles.default_choice(problem, glu)
         else:
             family, config = default_choice(problem, sorted_layout)
-            if glu:
-                family += "_glu"
-                if "BM" in config and config["BM"] * config["FN"] > 64:  # two accumulator sets: halve the N tile
-                    config = {**config, "FN": 1}
+        if glu and not family.endswith("_glu"):  # a single-set tile (table, default) for the fused kernel
+            family = family + "_glu"
+            config = _fit_glu(registry.get(family), problem, config, backend)
     fam = registry.get(family)
     if config is not None and not fam.takes(config, backend.dialect):
         raise ValueError(f"config {dict(config)} does not have {family}'s {backend.dialect} tile parameters "

@@ -184,3 +184,22 @@ def test_ptxas_command_writes_csv_and_metadata(toolkit, tmp_path):
     assert any("H200:1" in r["tables"] for r in rows)  # the shipped H200 table's m=1 pick
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["arch"] == "sm_90a" and meta["nvrtc"]
+
+
+def test_ptxas_log_parsing():
+    """Both shapes of ptxas's `Used` line (NVRTC 13.5 logs): with a stack (spills) the shared
+    memory comes after the stack size; without barriers there is no barrier item."""
+    log = """ptxas info    : 4639 bytes gmem
+ptxas info    : Compiling entry function '_ZN3mlx4core2cu5otherEv' for 'sm_90a'
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers
+ptxas info    : Compiling entry function '_ZN3mlx4core2cu70custom_kernel_mmt_qmm_x_EPK13__nv_bfloat16' for 'sm_90a'
+ptxas info    : Function properties for _ZN3mlx4core2cu70custom_kernel_mmt_qmm_x_EPK13__nv_bfloat16
+ptxas         .     40 bytes stack frame, 40 bytes spill stores, 184 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 40 bytes cumulative stack size, 24576 bytes smem
+"""
+    assert nvrtc.parse_ptxas(log, "custom_kernel_mmt_qmm_x_") == dict(
+        registers=128, barriers=1, static_smem=24576, stack_bytes=40, spill_stores=40, spill_loads=184)
+    assert nvrtc.parse_ptxas(log, "other")["registers"] == 10
+    with pytest.raises(nvrtc.NvrtcError, match="no ptxas report"):
+        nvrtc.parse_ptxas(log, "custom_kernel_missing")

@@ -337,3 +337,51 @@ def test_op_picks_the_shipped_table_on_its_device(monkeypatch, tmp_path):
         d = ops.describe(x, w, s, s, idx, group_size=64, bits=4, m=float(m))
         bk = t.bucket(m)
         assert d == dict(family=bk.family, config=bk.to_json()["config_id"], source="table")
+
+
+def test_shipped_cuda_picks_fit_the_fused_kernel():
+    """The fused SwiGLU op takes a table's single-set tile (ops._fit_glu): for every shipped CUDA
+    bucket that tile, or the one with the N tile halved, is a valid qmm_glu / qmv_glu config.
+    Halved: the BM64 FN2 picks (two accumulator sets: 128 floats per lane; before _fit_glu the
+    fused op raised on them) and, since the W-in-flight check, FN2 KU2 (ptxas: 124-636 B of
+    spills in the fused kernel)."""
+    from mlx_moe_tune import ops
+    from mlx_moe_tune.kernels import registry
+
+    halved = []
+    for t, _ in tables.load_dir(tables.SHIPPED_DIR):
+        if t is None or t.backend != "cuda":
+            continue
+        for b in t.buckets:
+            p = Problem(experts=t.E, k=t.K, n=t.N, rows=b.m * t.E, bits=4, group_size=64, dtype="bfloat16",
+                        m=float(b.m))
+            glu = registry.get(b.family + "_glu")
+            fit = ops._fit_glu(glu, p, dict(b.config), EMULATOR_CUDA)
+            assert glu.check(p, fit, EMULATOR_CUDA) is None, (t.filename, b.m, b.config)
+            if fit != b.config:
+                assert fit == {**b.config, "FN": 1}, (t.filename, b.m, b.config, fit)
+                halved.append((t.device, t.N, b.m))
+    assert ("NVIDIA H200", 704, 32) in halved and ("NVIDIA H200", 1408, 64) in halved
+
+
+def test_fused_op_takes_a_table_pick_that_spills_as_the_halved_tile(dirs):
+    """A table whose m=32 pick is BM32 FN2 KU2 (valid for qmm, not for qmm_glu): the fused op runs
+    BM32 FN1 KU2 from the table instead of raising."""
+    import mlx.core as mx
+
+    from mlx_moe_tune import ops
+
+    user, _ = dirs
+    cfg = {"BM": 32, "FN": 2, "WN": 4, "WK": 1, "MC": 4, "KU": 2}
+    t = tables.Table(backend="emulator-cuda", device=tables.device_name("emulator-cuda"), mode="affine", bits=4,
+                     group_size=64, dtype="bfloat16", E=8, K=256, N=128, mlx_version="0.32.4",
+                     buckets=[tables.Bucket(m=32, family="qmm", config=cfg, gbps=1.0)])
+    tables.write_table(t, user)
+    T = 32 * 8 // 2
+    x = mx.zeros((T, 1, 1, 256), mx.bfloat16)
+    idx = (mx.arange(T * 2, dtype=mx.int32) % 8).reshape(T, 2)
+    w, s = mx.zeros((8, 128, 256 // 8), mx.uint32), mx.zeros((8, 128, 4), mx.bfloat16)
+    single = ops.describe(x, w, s, s, idx, backend="emulator-cuda", m=32.0)
+    fused = ops.describe(x, w, s, s, idx, backend="emulator-cuda", m=32.0, w_up=(w, s, s))
+    assert single == dict(family="qmm", config="BM32_FN2_WN4_WK1_MC4_KU2_PF0_WS0", source="table")
+    assert fused == dict(family="qmm_glu", config="BM32_FN1_WN4_WK1_MC4_KU2_PF0_WS0", source="table")
