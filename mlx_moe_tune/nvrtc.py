@@ -52,15 +52,18 @@ class Toolkit:
     include: tuple[Path, ...]  # --include-path, in MLX's order: MLX headers, CCCL, CUDA runtime
 
 
+def _wheel_roots() -> list[Path]:
+    """nvidia/cu13 folders of NVIDIA's CUDA 13 pip wheels (MLX's CUDA backend is CUDA 13) on sys.path."""
+    return [r for base in sys.path if (r := Path(base or ".") / "nvidia" / "cu13").is_dir()]
+
+
 def _candidates() -> list[tuple[Path, Path]]:
     """(libnvrtc, CUDA include dir) pairs: the NVIDIA pip wheels on sys.path, then a toolkit."""
     out = []
-    for base in sys.path:
-        for major in ("cu13", "cu12"):
-            root = Path(base or ".") / "nvidia" / major
-            for lib in sorted(glob.glob(str(root / "lib" / "libnvrtc.so.*"))):
-                if "builtins" not in lib:
-                    out.append((Path(lib), root / "include"))
+    for root in _wheel_roots():
+        for lib in sorted(glob.glob(str(root / "lib" / "libnvrtc.so.*"))):
+            if "builtins" not in lib:
+                out.append((Path(lib), root / "include"))
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             for lib in sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*"))):
@@ -74,10 +77,9 @@ def find_toolkit() -> Toolkit:
     pairs = [(Path(explicit), Path(explicit).resolve().parent.parent / "include")] if explicit else _candidates()
     for lib, inc in pairs:
         if lib.exists() and (inc / "cuda_bf16.h").exists():
-            cccl = inc / "cccl"
-            if not (cccl / "cuda" / "std" / "array").exists():
-                cccl = next((Path(p) / "nvidia" / "cu13" / "include" / "cccl" for p in sys.path
-                             if (Path(p or ".") / "nvidia" / "cu13" / "include" / "cccl" / "cuda").exists()), cccl)
+            # CCCL (cuda/std/...) beside the runtime headers, else from the nvidia-cuda-cccl wheel
+            cccl = next((c for c in (inc / "cccl", *(r / "include" / "cccl" for r in _wheel_roots()))
+                         if (c / "cuda" / "std" / "array").exists()), inc / "cccl")
             return Toolkit(lib, (_MLX_HEADERS, cccl, inc))
     where = f"{ENV_LIB}={explicit}" if explicit else "the nvidia pip wheels on sys.path or CUDA_HOME"
     raise NvrtcUnavailable(f"no NVRTC library with CUDA headers found in {where}: "
