@@ -254,8 +254,7 @@ def family_source(fam, problem, config, x_div: int = 1) -> tuple[str, str]:
 
     body, header = fam.sources["cuda"].text()
     ins, outs = _signature_dtypes(fam, problem)
-    # X_DIV is the call's layout (x row = pair / X_DIV), not the shape's, as in ops._launch_kwargs
-    template = [(k, x_div if k == "X_DIV" else v) for k, v in fam.template(problem, config)]
+    template = fam.call_template(problem, config, x_div)
     return cuda_source(f"mmt_{fam.name}", fam.input_names, fam.output_names, body, header,
                        [_Sig(d) for d in ins], outs, template)
 

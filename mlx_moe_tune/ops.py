@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .backend import Backend, get_backend
 from .kernels import registry
-from .kernels.common import as_dtype, dtype_name, template_args
+from .kernels.common import as_dtype, dtype_name
 from .kernels import metal_tiles
 from .kernels.family import Problem, parse_config_id
 from .kernels.plan import Plan, as_plan, make_plan
@@ -109,9 +109,9 @@ def _choice(problem, backend, family, config, glu, sorted_layout, top_k):
 
 def _fit_glu(fam, problem, config, backend):
     """A single-set tile made to fit the fused kernel, which holds two weight sets: as given if
-    valid, else with the N tile halved (FN=1), else also one k block per step (KU=1), both of
-    which halve its registers in flight. The first valid one; the given one if none is (its
-    check then says why)."""
+    valid, else with the N tile halved (FN=1), else one k block per step (KU=1), else both; each
+    halves the registers in flight. The first valid one; the given one if none is (its check
+    then says why)."""
     for change in ({}, {"FN": 1}, {"KU": 1}, {"FN": 1, "KU": 1}):
         cand = {**config, **{k: v for k, v in change.items() if k in config}}
         if fam.check(problem, cand, backend) is None:
@@ -146,7 +146,7 @@ def _choose_uncached(problem, backend, family, config, glu, sorted_layout, top_k
         else:
             family, config = default_choice(problem, sorted_layout)
         if glu and not family.endswith("_glu"):  # a single-set tile (table, default) for the fused kernel
-            family = family + "_glu"
+            family += "_glu"
             config = _fit_glu(registry.get(family), problem, config, backend)
     fam = registry.get(family)
     if config is not None and not fam.takes(config, backend.dialect):
@@ -169,7 +169,7 @@ def _launch_kwargs(fam, problem, config, backend: Backend, x_div: int) -> tuple[
     dynamic shared memory the kernel object is built with (family.kernel). `config` is complete
     (family.complete: every tile param, optional ones included)."""
     launch = fam.launch(problem, config, backend)
-    kwargs = dict(template=template_args(problem, config, x_div), grid=launch.grid,
+    kwargs = dict(template=fam.call_template(problem, config, x_div), grid=launch.grid,
                   threadgroup=launch.threadgroup, output_shapes=[(problem.rows, problem.n)])
     return kwargs, launch.shared_memory
 

@@ -141,9 +141,7 @@ def run_config(family, backend, case: Case, config: dict, inputs: Inputs, check:
 
     problem = case.problem()
     launch = family.launch(problem, config, backend)
-    template = family.template(problem, config)
-    # X_DIV is the call's layout, not the shape's: override the family's default
-    template = [(k, case.x_div if k == "X_DIV" else v) for k, v in template]
+    template = family.call_template(problem, config, case.x_div)
     kwargs = dict(
         inputs=[inputs.arrays[name] for name in family.input_names],
         template=template,

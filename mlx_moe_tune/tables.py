@@ -404,9 +404,8 @@ def _all_tables(table_dir) -> Iterable[Table]:
 def table_picks(problem, backend_name: str = "cuda", table_dir=None) -> list[tuple[Table, Bucket]]:
     """Every bucket with a config in the tables of this problem's shape and format for
     `backend_name`, on any device (what `mlx-moe-tune ptxas` marks as shipped choices)."""
-    key = problem_key(problem, backend_name, device="")
     return [(t, b) for t in _all_tables(table_dir) for b in t.buckets
-            if b.config and t.key[:1] + t.key[2:] == key[:1] + key[2:]]
+            if b.config and t.key == problem_key(problem, backend_name, device=t.device)]
 
 
 def _shape_distance(t: Table, problem) -> float:

@@ -35,14 +35,6 @@ CUDA_MAX_ACC = 64
 # every shipped-space config above it spilled (qmm_glu FN2 KU2 at BM 8/16/32: 124-636 B; qmv_glu
 # FN2 KU2: 272 B) and none at or below it did (up to 255 registers without a spill).
 CUDA_MAX_W_IN_FLIGHT = 4
-
-
-def check_w_in_flight(config, sets: int) -> str | None:
-    n = sets * config["FN"] * config["KU"]
-    if n > CUDA_MAX_W_IN_FLIGHT:
-        return (f"{sets} weight set(s) x FN={config['FN']} x KU={config['KU']} = {n} W fragments in flight "
-                f"per lane > {CUDA_MAX_W_IN_FLIGHT} (ptxas spills registers)")
-    return None
 CUDA_DTYPES = ("float16", "bfloat16")  # the mma.sync operand types
 GRID_LIMIT = 2**31 - 1  # grid.x in threads is an int
 
@@ -90,6 +82,15 @@ def template_args(problem, config: Mapping[str, int], x_div: int = 1) -> list[tu
         ("X_DIV", int(x_div)),
         *((k, int(v)) for k, v in config.items()),
     ]
+
+
+def check_w_in_flight(config, sets: int) -> str | None:
+    """Why a CUDA tile holds too many W fragments per lane (CUDA_MAX_W_IN_FLIGHT), or None."""
+    n = sets * config["FN"] * config["KU"]
+    if n > CUDA_MAX_W_IN_FLIGHT:
+        return (f"{sets} weight set(s) x FN={config['FN']} x KU={config['KU']} = {n} W fragments in flight "
+                f"per lane > {CUDA_MAX_W_IN_FLIGHT} (ptxas spills registers)")
+    return None
 
 
 def check_prefetch(config) -> str | None:

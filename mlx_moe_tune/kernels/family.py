@@ -111,6 +111,11 @@ class KernelFamily:
         order = list(self.space.get(dialect, {}))
         return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
 
+    def call_template(self, problem: Problem, config: Config, x_div: int = 1) -> list[tuple[str, object]]:
+        """Template arguments of one launch: the family's, with X_DIV (x row of pair p is
+        p // X_DIV) set by the call's layout, not by the shape."""
+        return [(k, x_div if k == "X_DIV" else v) for k, v in self.template(problem, config)]
+
     def valid_configs(self, problem: Problem, backend: Backend) -> list[dict[str, int]]:
         return [c for c in self.configs(backend.dialect) if self.check(problem, c, backend) is None]
 
