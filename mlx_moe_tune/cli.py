@@ -14,6 +14,7 @@ COMMANDS = {
     "report": ("mlx_moe_tune.report", "a sweep CSV as a markdown table (stock vs best tuned per m)"),
     "tune": ("mlx_moe_tune.tune", "search tile configs per m bucket and write a tuning table"),
     "ptxas": ("mlx_moe_tune.nvrtc", "compile the CUDA configs with NVRTC (no GPU needed): registers, spills, occupancy"),
+    "metal-check": ("mlx_moe_tune.metal_check", "parse every Metal kernel with clang as Metal's front end would (no Mac needed)"),
 }
 
 

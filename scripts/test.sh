@@ -7,9 +7,11 @@ python3 -m venv .venv
 if [ "$(uname -s)" = Linux ]; then
   # NVIDIA's NVRTC wheels (Linux only): the CUDA kernels also compile for sm_90a here, and the
   # NVRTC tests must run, not skip
-  .venv/bin/python -m pip install -q -e ".[cpu,test,nvrtc]"
+  .venv/bin/python -m pip install -q -e ".[cpu,test,nvrtc,metalcheck]"
   export MLX_MOE_TUNE_REQUIRE_NVRTC=1
 else
-  .venv/bin/python -m pip install -q -e ".[cpu,test]"
+  .venv/bin/python -m pip install -q -e ".[cpu,test,metalcheck]"
 fi
+# clang from the ziglang wheel: the Metal front-end check (tests/test_metal_check.py) must run
+export MLX_MOE_TUNE_REQUIRE_CLANG=1
 .venv/bin/python -m pytest -q "$@"
