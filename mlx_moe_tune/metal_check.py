@@ -238,16 +238,19 @@ def kernel_unit(family: str, config: str, dtype: str, bits: int, variant: str, n
 
 
 def _gather_inputs(fam, problem, x_rows: int) -> list[_Sig]:
+    """The input arrays' dtypes and sizes as the op passes them: packed weights uint32,
+    scales/biases and x in the activation dtype, routing inputs (ids, order, offsets) int32."""
     E, K, N, P = problem.experts, problem.k, problem.n, problem.rows
-    sizes = {"x": x_rows * K, "idx": P, "order": P, "offsets": E + 1}
     out = []
     for n in fam.input_names:
-        if n.startswith("w"):
+        if n == "x":
+            out.append(_Sig(problem.dtype, x_rows * K))
+        elif n.startswith("w"):
             out.append(_Sig("uint32", E * N * K * problem.bits // 32))
         elif n.startswith(("scales", "biases")):
             out.append(_Sig(problem.dtype, E * N * (K // problem.group_size)))
         else:
-            out.append(_Sig("int32" if n in ("idx", "order", "offsets") else problem.dtype, sizes[n]))
+            out.append(_Sig("int32", E + 1 if n == "offsets" else P))
     return out
 
 
@@ -263,27 +266,44 @@ def _problems(dtype: str, bits: int):
     ]
 
 
+def _constructor_args(fam) -> dict:
+    """What the family hands mx.fast.metal_kernel (name, input/output names, source, header):
+    read by giving KernelFamily.kernel a backend whose factory records its arguments."""
+    from dataclasses import dataclass as _dc
+
+    from .backend import Backend
+
+    @_dc(frozen=True)
+    class _Recorder(Backend):
+        def kernel_factory(self):
+            return lambda **kw: kw
+
+    return fam.kernel(_Recorder("metal-check", "metal", 1024, 32 * 1024))
+
+
 def family_units(fam, dtypes=CHECK_DTYPES, bits_list=CHECK_BITS) -> tuple[str, list[Unit]]:
     """(header, units) of a gather family: every valid config of its Metal space at the checked
     formats, in both signature variants."""
     from .backend import METAL
     from .kernels.family import config_id
 
-    body, header = fam.sources["metal"].text()
+    kw = _constructor_args(fam)
+    label = getattr(fam, "label", fam.name)
+    sorted_layout = getattr(fam, "route", None) == "sorted"  # one x row per sorted pair
     units, seen = [], set()
     for dtype in dtypes:
         for bits in bits_list:
             for variant, problem, x_div in _problems(dtype, bits):
-                x_rows = -(-problem.rows // x_div)  # x row of pair p is p // X_DIV
-                ins = _gather_inputs(fam, problem, x_rows)
+                x_div = 1 if sorted_layout else x_div
+                ins = _gather_inputs(fam, problem, -(-problem.rows // x_div))  # x row of pair p: p // X_DIV
                 for cfg in fam.valid_configs(problem, METAL):
-                    u = kernel_unit(fam.name, config_id(cfg), dtype, bits, variant, f"mmt_{fam.name}",
-                                    fam.input_names, fam.output_names, body, header, ins, [dtype],
+                    u = kernel_unit(label, config_id(cfg), dtype, bits, variant, kw["name"], kw["input_names"],
+                                    kw["output_names"], kw["source"], kw["header"], ins, [dtype],
                                     fam.call_template(problem, cfg, x_div), fam.sources["metal"].body)
                     if u.kernel not in seen:
                         seen.add(u.kernel)
                         units.append(u)
-    return header, units
+    return kw["header"], units
 
 
 def other_units() -> list[tuple[str, str, list[Unit]]]:
@@ -411,9 +431,10 @@ def groups(families=None, dtypes=CHECK_DTYPES, bits_list=CHECK_BITS) -> list[tup
 
     out = []
     for fam in shipped_families("metal"):
-        if families is None or fam.name in families:
+        label = getattr(fam, "label", fam.name)
+        if families is None or fam.name in families or label in families:
             header, units = family_units(fam, dtypes, bits_list)
-            out.append((fam.name, header, units))
+            out.append((label, header, units))
     out += [g for g in other_units() if families is None or g[0] in families]
     return out
 

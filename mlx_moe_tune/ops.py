@@ -14,6 +14,7 @@ from typing import Mapping
 
 import mlx.core as mx
 
+from . import first_use
 from .backend import Backend, get_backend
 from .kernels import registry
 from .kernels.common import as_dtype, dtype_name
@@ -257,8 +258,10 @@ def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
     if spec is None:  # first call with these shapes: validate everything and choose the tile
         if len(_SPECS) > 4096:  # many distinct token counts (prefill): keep the memo bounded
             _SPECS.clear()
-        spec = _SPECS[key] = _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config,
-                                   family, backend, m)
+        spec = _SPECS[key] = first_use.guard(_spec(x, wsets, indices, group_size, bits, mode, sorted_indices,
+                                                   config, family, backend, m))  # GPU: first-use check
+    if spec.source == first_use.STOCK:  # its kernel failed the first-use check on this device
+        return first_use.stock(x, wsets, indices, group_size, bits, mode, sorted_indices)
     if spec.problem.rows == 0:
         return mx.zeros(spec.out_shape, dtype=x.dtype)
     x2, flat, _, _ = _layout(x, indices) if spec.materialize else (

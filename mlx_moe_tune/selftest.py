@@ -292,9 +292,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="emulator: skip bounds/race checking (faster)")
     p.add_argument("-j", "--jobs", type=int, default=None,
                    help="processes (default: all cores on the emulator, 1 on a GPU)")
+    p.add_argument("--cache", action="store_true",
+                   help="print the first-use verdicts cached on this machine (mlx_moe_tune/first_use.py) and exit")
 
 
 def run(args) -> int:
+    if getattr(args, "cache", False):
+        from . import first_use
+
+        print(first_use.format_records(first_use.records()))
+        return 0
     from .backend import get_backend
 
     backend = get_backend(args.backend)
