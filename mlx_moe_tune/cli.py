@@ -15,6 +15,8 @@ COMMANDS = {
     "tune": ("mlx_moe_tune.tune", "search tile configs per m bucket and write a tuning table"),
     "ptxas": ("mlx_moe_tune.nvrtc", "compile the CUDA configs with NVRTC (no GPU needed): registers, spills, occupancy"),
     "metal-check": ("mlx_moe_tune.metal_check", "parse every Metal kernel with clang as Metal's front end would (no Mac needed)"),
+    "bench-model": ("mlx_moe_tune.bench_model", "tokens/s of an mlx-lm MoE model, stock vs patched, via mlx-lm's generation paths"),
+    "generate": ("mlx_moe_tune.generate", "mlx_lm.generate with the model patched (same flags, plus --no-patch)"),
 }
 
 
@@ -25,9 +27,14 @@ class CLIError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-moe-tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # only the chosen command's module is imported: some (generate) pull in mlx-lm, which
+    # would add seconds to every other command
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
+        if name != chosen:
+            continue
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:

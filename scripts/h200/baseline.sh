@@ -12,8 +12,8 @@ timeout ${T_TESTS:-170} python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovide
 timeout ${T_SWEEP:-260} python3 -m mlx_moe_tune.cli sweep --m 1..64x2 --iters 20 --quiet \
   --kernels 'stock.gather_qmm,stock.gather_qmm_unsorted,ref.bandwidth,tuned.qmv,tuned.qmm,tuned.auto' \
   -o "$R/gemma-26b-a4b-baseline.csv" > "$R/sweep.log" 2>&1
-timeout ${T_E2E:-90} python3 -m mlx_moe_tune.e2e --model gemma-26b-a4b --layers 4 --prompt 512 --gen 32 \
-  -o "$R/e2e-gemma-26b-a4b.json" > "$R/e2e.log" 2>&1
+timeout ${T_E2E:-90} python3 -m mlx_moe_tune.cli bench-model --arch gemma-26b-a4b --random --layers 4 -p 512 -g 32 \
+  -n 3 --deadline $(( ${T_E2E:-90} - 20 )) --json "$R/e2e-gemma-26b-a4b.json" > "$R/e2e.log" 2>&1
 tar -C "$(dirname "$R")" -czf "$OUT/baseline.tgz" "$(basename "$R")"
-{ cat "$R/nvidia-smi.csv"; tail -3 "$R/gpu-tests.log"; tail -3 "$R/sweep.log"; grep speedup "$R/e2e-gemma-26b-a4b.json"; } > "$OUT/summary.txt"
+{ cat "$R/nvidia-smi.csv"; tail -3 "$R/gpu-tests.log"; tail -3 "$R/sweep.log"; tail -4 "$R/e2e.log"; } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"

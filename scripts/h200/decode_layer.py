@@ -17,15 +17,15 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from mlx_moe_tune import e2e, patch
+from mlx_moe_tune import patch, random_model
 
 CHAIN, ROUNDS = int(os.environ.get("CHAIN", 32)), int(os.environ.get("ROUNDS", 15))
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    cfg = e2e.shape_config("gemma-26b-a4b", layers=1)
-    model = e2e.build_model(cfg)
+    cfg = random_model.shape_config("gemma-26b-a4b", layers=1)
+    model = random_model.build_model(cfg)
     stock = next(m for _, m in model.named_modules() if type(m) is SwitchGLU)
     D, E, k = cfg["hidden_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
     rng = np.random.default_rng(0)

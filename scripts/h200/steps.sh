@@ -2,10 +2,11 @@
 # The steps the H200 call scripts share, sourced by them. Each writes under $R; the T_* variables
 # are the steps' time limits. A step cut by its limit leaves its partial logs.
 
-# e2e stock vs patched on a 4-layer random model with gemma's MoE shape.
+# End to end, stock vs patched, on a 4-layer random model with gemma's MoE shape (bench-model; the
+# python -m mlx_moe_tune.e2e of earlier calls). --deadline leaves it time to write the JSON.
 step_e2e() {
-  timeout ${T_E2E:-90} python3 -m mlx_moe_tune.e2e --model gemma-26b-a4b --layers 4 --prompt 512 --gen 32 \
-    -o "$R/e2e-gemma-26b-a4b.json" > "$R/e2e.log" 2>&1
+  timeout ${T_E2E:-90} python3 -m mlx_moe_tune.cli bench-model --arch gemma-26b-a4b --random --layers 4 \
+    -p 512 -g 32 -n 3 --deadline $(( ${T_E2E:-90} - 20 )) --json "$R/e2e-gemma-26b-a4b.json" > "$R/e2e.log" 2>&1
 }
 
 # The op (tuned.auto) vs stock for the skewed and sparse routers, N=1408.
