@@ -15,6 +15,7 @@ COMMANDS = {
     "tune": ("mlx_moe_tune.tune", "search tile configs per m bucket and write a tuning table"),
     "ptxas": ("mlx_moe_tune.nvrtc", "compile the CUDA configs with NVRTC (no GPU needed): registers, spills, occupancy"),
     "metal-check": ("mlx_moe_tune.metal_check", "parse every Metal kernel with clang as Metal's front end would (no Mac needed)"),
+    "doctor": ("mlx_moe_tune.doctor", "selftest, a short sweep and a budgeted tune into one folder to share"),
     "bench-model": ("mlx_moe_tune.bench_model", "tokens/s of an mlx-lm MoE model, stock vs patched, via mlx-lm's generation paths"),
     "generate": ("mlx_moe_tune.generate", "mlx_lm.generate with the model patched (same flags, plus --no-patch)"),
 }
