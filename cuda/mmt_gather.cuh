@@ -589,10 +589,20 @@ __device__ inline void qmv_impl(const T* x, const uint32_t* w0, const T* s0, con
 }
 
 // ---- qmm / qmm_glu: expert-major, rows walked in BM chunks ------------------------------------
-// A *unit* is (expert e, split s): the sorted rows [off[e] + s*BM*MC, +BM*MC) of e. Units are
-// numbered expert by expert; expert e has ceil(rows_e / (BM*MC)) of them, so a hot expert is
-// spread over many blocks while experts with no rows cost nothing. Block b = u * NT + nt. The
-// host launches an upper bound of units (floor(P / (BM*MC)) + min(E, P)); spare blocks return.
+// A *unit* is a run of at most RPU = BM*MC sorted rows of one expert; block b = u * NT + nt.
+// Units come from one of two routes (the launch's grid is an upper bound; spare blocks return):
+// - PlanRoute (any id order; cuda/plan.cu sorted the pairs): expert e has ceil(rows_e / RPU)
+//   units, numbered expert by expert from the offsets, so a hot expert is spread over many
+//   blocks while experts with no rows cost nothing. Units: floor(P / RPU) + min(E, P) + 1.
+// - SortedRoute (ids already grouped by expert, mlx-lm's sorted layout): no plan at all. The
+//   sorted rows are cut into chunks of RPU; a unit is the run of one expert inside one chunk.
+//   Unit u < C = ceil(P / RPU) takes the run that starts its chunk u; unit C + e takes expert
+//   e's run that starts inside a chunk (at e's first row, found by a warp-wide search). Every
+//   run starts either at a chunk start or at its expert's first row, so each row has one unit.
+//   Units: C + E.
+// Rows whose id is outside [0, E) are written as zeros and read no weights (PlanRoute: the
+// plan's last bucket, zeroed by the last unit; SortedRoute: each chunk unit zeroes its own).
+// Every warp of a block finds the same unit from the same data, so no barrier is needed.
 template <int E, int RPU>
 __device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& r0, int& r1) {
   const int lane = threadIdx.x & 31;
@@ -624,12 +634,102 @@ __device__ inline bool find_unit(const int32_t* offsets, int unit, int& e, int& 
   return false;
 }
 
+// A unit as found: rows [r0, r1) of expert e get the GEMM (none when e is outside [0, E)), and
+// the rows in [z0, z1) that the route calls bad get zeros.
+struct Unit {
+  int e, r0, r1, z0, z1;
+};
+
+template <int E, int RPU>
+struct PlanRoute {
+  const int32_t* order;
+  const int32_t* offsets;
+  int P;
+  __device__ int pair(int i) const { return order[i]; }
+  __device__ bool bad(int) const { return true; }  // z0..z1 is the plan's bucket of bad ids
+  __device__ bool find(int unit, int units, Unit& u) const {
+    if (unit == units - 1) {  // the last unit zeroes that bucket
+      u = Unit{-1, 0, 0, offsets[E], P};
+      return u.z0 < u.z1;
+    }
+    u.z0 = u.z1 = 0;
+    return find_unit<E, RPU>(offsets, unit, u.e, u.r0, u.r1);
+  }
+};
+
+// First i in [i0, i1) with ids[i] != e, else i1 (a warp reads 32 ids per step).
+__device__ inline int run_end(const int32_t* ids, int i0, int i1, int e) {
+  const int lane = threadIdx.x & 31;
+  for (int b = i0; b < i1; b += 32) {
+    const int i = b + lane;
+    const unsigned diff = __ballot_sync(kFullMask, i < i1 && ids[i] != e);
+    if (diff != 0u) return b + __ffs(int(diff)) - 1;
+  }
+  return i1;
+}
+
+// First i in [0, P) with ids[i] >= e, else P, for ids sorted ascending: each step the warp
+// probes 32 evenly spaced ids and keeps the gap where they cross e (4 steps for 2^20 rows).
+// Unsorted ids still give an index in [0, P] and terminate: the range shrinks every step.
+__device__ inline int lower_bound_warp(const int32_t* ids, int P, int e) {
+  const int lane = threadIdx.x & 31;
+  int lo = 0, hi = P;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int stride = (hi - lo + 31) / 32;
+    const int q = lo + lane * stride;
+    const int below = __popc(__ballot_sync(kFullMask, q < hi && ids[q] < e));
+    if (below == 0) return lo;
+    lo += (below - 1) * stride + 1;
+    hi = min(hi, lo - 1 + stride);
+  }
+  return lo;
+}
+
+template <int E, int RPU>
+struct SortedRoute {
+  const int32_t* ids;
+  int P;
+  __device__ int pair(int i) const { return i; }
+  __device__ bool bad(int i) const { return ids[i] < 0 || ids[i] >= E; }
+  __device__ bool find(int unit, int, Unit& u) const {
+    const int chunks = (P + RPU - 1) / RPU;
+    if (unit < chunks) {  // the run that starts chunk `unit`; the chunk's bad rows, if any
+      const int c0 = unit * RPU, c1 = min(P, c0 + RPU);
+      bool any_bad = false;
+      for (int b = c0; b < c1 && !any_bad; b += 32) {
+        const int i = b + int(threadIdx.x & 31);
+        any_bad = __any_sync(kFullMask, i < c1 && bad(i));
+      }
+      const int e = ids[c0];
+      u = Unit{e, c0, run_end(ids, c0 + 1, c1, e), c0, any_bad ? c1 : c0};
+      return true;
+    }
+    const int e = unit - chunks;
+    if (e >= E) return false;
+    const int lo = lower_bound_warp(ids, P, e);
+    if (lo >= P || lo % RPU == 0 || ids[lo] != e) return false;  // absent, or a chunk unit's
+    u = Unit{e, lo, run_end(ids, lo + 1, min(P, (lo / RPU + 1) * RPU), e), 0, 0};
+    return true;
+  }
+};
+
+// Zeros in this warp's 16*FN columns from n0 for the bad rows among sorted positions [z0, z1).
+template <typename T, int N, int FN, typename Route>
+__device__ inline void zero_bad_rows(const Route& route, int z0, int z1, int n0, T* y) {
+  const int lane = threadIdx.x & 31;
+  for (int i = z0; i < z1; i++) {
+    if (!route.bad(i)) continue;
+    T* yr = y + size_t(route.pair(i)) * N;
+    for (int c = lane; c < 16 * FN; c += 32)
+      if (n0 + c < N) yr[n0 + c] = Pair<T>::from_float(0.0f);
+  }
+}
+
 template <typename T, int BITS, int GS, int K, int N, int E, int X_DIV, int BM, int FN, int WN,
-          int WK, int MC, int KU, bool GLU, int PF = 0, int WS = 0>
+          int WK, int MC, int KU, bool GLU, int PF = 0, int WS = 0, typename Route>
 __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, const T* b0,
-                                const uint32_t* w1, const T* s1, const T* b1,
-                                const int32_t* order, const int32_t* offsets, T* y, float* red,
-                                T* xs, uint4* wsm = nullptr) {
+                                const uint32_t* w1, const T* s1, const T* b1, const Route& route,
+                                T* y, float* red, T* xs, uint4* wsm = nullptr) {
   using Q = QGeom<BITS, GS, K>;
   constexpr int NWS = GLU ? 2 : 1;
   constexpr int CG = BM / 8;
@@ -639,27 +739,30 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int wn = warp % WN, wk = warp / WN;
   const int unit = int(blockIdx.x) / NT, nt = int(blockIdx.x) % NT;
-  int e = 0, rbeg = 0, rend = 0;
+  Unit un;
   // Every warp finds the same unit (no barrier needed); spare blocks leave together.
-  if (!find_unit<E, BM * MC>(offsets, unit, e, rbeg, rend)) return;
+  if (!route.find(unit, int(gridDim.x) / NT, un)) return;
+  const int n0 = nt * BN + wn * 16 * FN;
+  if (wk == 0) zero_bad_rows<T, N, FN>(route, un.z0, un.z1, n0, y);
+  if (un.e < 0 || un.e >= E) return;  // uniform over the block: a bad id reads no weights
+  const int rbeg = un.r0, rend = un.r1;
 
-  const size_t eo = size_t(e);
+  const size_t eo = size_t(un.e);
   WSet<T> ws[NWS];
   ws[0] = WSet<T>{w0 + eo * N * Q::KW, s0 + eo * N * Q::KG, b0 + eo * N * Q::KG};
   if constexpr (GLU) ws[NWS - 1] = WSet<T>{w1 + eo * N * Q::KW, s1 + eo * N * Q::KG, b1 + eo * N * Q::KG};
-  const int n0 = nt * BN + wn * 16 * FN;
 
   for (int r0 = rbeg; r0 < rend; r0 += BM) {
     const T* xrow[CG];
 #pragma unroll
     for (int c = 0; c < CG; c++) {
       const int i = r0 + 8 * c + g;
-      xrow[c] = i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
+      xrow[c] = i < rend ? x + size_t(route.pair(i) / X_DIV) * K : nullptr;
     }
     float acc[NWS][FN][CG][4] = {};
     auto row_of = [&](int r) -> const T* {
       const int i = r0 + r;
-      return i < rend ? x + size_t(order[i] / X_DIV) * K : nullptr;
+      return i < rend ? x + size_t(route.pair(i) / X_DIV) * K : nullptr;
     };
     // The W ring (warp_gemm) where it measured faster on the H100, gemma-26b-a4b 4-bit gs64 bf16
     // (sweeps/results/h100/tuned-cuda-gemma-26b-a4b-v2-ab*.csv, old/new interleaved in one
@@ -681,7 +784,7 @@ __device__ inline void qmm_impl(const T* x, const uint32_t* w0, const T* s0, con
         for (int e2 = 0; e2 < 2; e2++) {
           const int i = r0 + 8 * c + 2 * tig + e2;  // C fragment column 2*tig + e2
           if (i >= rend) continue;
-          T* yr = y + size_t(order[i]) * N;
+          T* yr = y + size_t(route.pair(i)) * N;
 #pragma unroll
           for (int f = 0; f < FN; f++)
 #pragma unroll

@@ -31,7 +31,7 @@ inline float half_word_scale(int i) {
 // GLU: a second weight set (wu/su/bu) shares every x load and the result is
 // silu(x Wg^T) * (x Wu^T), decode's gate+up in one launch (qmv_glu.metal).
 template <
-    typename T, int BITS, int GS, int K, int N, int X_DIV,
+    typename T, int BITS, int GS, int K, int N, int E, int X_DIV,
     int RPS, int SG, int VPT, int PR, bool GLU,
     typename XPtr, typename WPtr, typename SPtr, typename IPtr>
 inline void qmv_impl(
@@ -48,14 +48,16 @@ inline void qmv_impl(
   const int p0 = int(pair_block) * PR;
   const int n0 = int(n_block) * (SG * RPS) + int(sgid) * RPS;
 
-  // The PR pairs of this threadgroup: their expert and x row. Dead pairs (past P) are skipped.
+  // The PR pairs of this threadgroup: their expert and x row. Dead pairs (past P) are skipped;
+  // a pair whose id is outside [0, E) reads no weights and its row comes out as zeros.
   int ex[PR];
   int xr[PR];
   bool live[PR];
   for (int j = 0; j < PR; j++) {
     const int p = p0 + j;
     live[j] = p < P;
-    ex[j] = live[j] ? int(idx[p]) : -1;
+    const int id = live[j] ? int(idx[p]) : -1;
+    ex[j] = id >= 0 && id < E ? id : -1;
     xr[j] = live[j] ? p / X_DIV : 0;
   }
 
@@ -101,7 +103,7 @@ inline void qmv_impl(
         float s = 0.0f;
         float b = 0.0f;
         for (int j = 0; j < PR; j++) {
-          if (!live[j]) {
+          if (ex[j] < 0) {
             continue;
           }
           if (ex[j] != cur) {
@@ -238,19 +240,52 @@ inline void mma_k8(
   }
 }
 
+// First i in [0, P) with ids[i] >= e (P if none), for ids sorted ascending. Unsorted ids still
+// give an index in [0, P].
+template <typename IPtr>
+inline int lower_bound_ids(IPtr ids, int P, int e) {
+  int lo = 0;
+  int hi = P;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (int(ids[mid]) < e) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Zeros in output columns [n_block*BN, +BN) for the rows at sorted positions [r0, r1): pair
+// order[i], or i itself for SORTED ids. The rows of ids outside [0, E) (no weights are read).
+template <typename T, int N, int BN, int NT, bool SORTED, typename OPtr>
+inline void zero_rows(device T* y, OPtr order, int r0, int r1, uint n_block, uint tid) {
+  const int n0 = int(n_block) * BN;
+  for (int t = int(tid); t < (r1 - r0) * BN; t += NT) {
+    const int i = r0 + t / BN;
+    const int n = n0 + t % BN;
+    if (n < N) {
+      const int p = SORTED ? i : int(order[i]);
+      y[size_t(p) * N + n] = static_cast<T>(0.0f);
+    }
+  }
+}
+
 // Expert-major gather matmul. The threadgroup owns (expert e, output columns [n0, n0+BN)) and
-// walks all of e's rows (sorted positions offsets[e] .. offsets[e+1]) in chunks of BM: each chunk
+// walks all of e's rows (sorted positions row_begin .. row_end) in chunks of BM: each chunk
 // runs one K loop, so a chunk never straddles experts and no K loop is wasted (unlike MLX's
 // gather_qmm_rhs). GLU: a second weight set (wu/su/bu) shares each staged x tile and the result
 // is silu(x Wg^T) * (x Wu^T), the SwiGLU of mlx-lm's SwitchGLU.
 template <
     typename T, int BITS, int GS, int K, int N, int X_DIV,
-    int BM, int BN, int BK, int WM, int WN, bool GLU,
-    typename XPtr, typename WPtr, typename SPtr, typename OPtr, typename FPtr>
+    int BM, int BN, int BK, int WM, int WN, bool GLU, bool SORTED,
+    typename XPtr, typename WPtr, typename SPtr, typename OPtr>
 inline void qmm_impl(
-    XPtr x, WPtr wg, SPtr sg, SPtr bg, WPtr wu, SPtr su, SPtr bu, OPtr order, FPtr offsets,
-    device T* y, threadgroup T* Xs, threadgroup T* Wgs, threadgroup T* Wus, threadgroup int* yrow,
-    threadgroup int* xrow, uint n_block, uint expert, uint tid, uint sgid, uint lane) {
+    XPtr x, WPtr wg, SPtr sg, SPtr bg, WPtr wu, SPtr su, SPtr bu, OPtr order, int row_begin,
+    int row_end, device T* y, threadgroup T* Xs, threadgroup T* Wgs, threadgroup T* Wus,
+    threadgroup int* yrow, threadgroup int* xrow, uint n_block, uint expert, uint tid, uint sgid,
+    uint lane) {
   constexpr int NT = 32 * WM * WN;
   constexpr int PAD = 16 / sizeof(T);  // 16-byte row padding against bank conflicts (as MLX)
   constexpr int LDX = BK + PAD;
@@ -262,8 +297,6 @@ inline void qmm_impl(
 
   const size_t e = expert;
   const int n0 = int(n_block) * BN;
-  const int row_begin = int(offsets[e]);
-  const int row_end = int(offsets[e + 1]);
   // (An expert with no rows skips the loop below; the whole threadgroup agrees, so no thread
   // waits at a barrier another thread never reaches.)
 
@@ -280,7 +313,7 @@ inline void qmm_impl(
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
     for (int t = int(tid); t < BM; t += NT) {
       const int i = r0 + t;
-      const int p = i < row_end ? int(order[i]) : -1;
+      const int p = i < row_end ? (SORTED ? i : int(order[i])) : -1;
       yrow[t] = p;
       xrow[t] = p >= 0 ? p / X_DIV : -1;
     }

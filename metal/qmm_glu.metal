@@ -7,8 +7,14 @@ threadgroup T Wg[BN * (BK + 16 / sizeof(T))];
 threadgroup T Wu[BN * (BK + 16 / sizeof(T))];
 threadgroup int yrow[BM];
 threadgroup int xrow[BM];
-mmt::qmm_impl<T, BITS, GS, K, N, X_DIV, BM, BN, BK, WM, WN, true>(
-    x, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up, order, offsets, y,
-    Xs, Wg, Wu, yrow, xrow,
-    threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,
-    thread_index_in_threadgroup, simdgroup_index_in_threadgroup, thread_index_in_simdgroup);
+const int e = int(threadgroup_position_in_grid.y);
+if (e == E) {
+  mmt::zero_rows<T, N, BN, 32 * WM * WN, false>(y, order, int(offsets[E]), int(order_shape[0]),
+      threadgroup_position_in_grid.x, thread_index_in_threadgroup);
+} else {
+  mmt::qmm_impl<T, BITS, GS, K, N, X_DIV, BM, BN, BK, WM, WN, true, false>(
+      x, w_gate, scales_gate, biases_gate, w_up, scales_up, biases_up, order,
+      int(offsets[e]), int(offsets[e + 1]), y, Xs, Wg, Wu, yrow, xrow,
+      threadgroup_position_in_grid.x, uint(e), thread_index_in_threadgroup,
+      simdgroup_index_in_threadgroup, thread_index_in_simdgroup);
+}

@@ -472,11 +472,11 @@ def run(args) -> int:
     for f in fams:
         mine = [r for r in rows if r.family == f]
         bad = [r for r in mine if not r.ok]
-        print(f"{f:<12} {len(mine) - len(bad):>4}/{len(mine):<4} ok")
-    print(f"{'family':<12} {'config':<28} {'dtype':<9} {'bits':>4} {'variant':<9} status")
+        print(f"{f:<16} {len(mine) - len(bad):>4}/{len(mine):<4} ok")
+    print(f"{'family':<16} {'config':<28} {'dtype':<9} {'bits':>4} {'variant':<9} status")
     for r in rows:
         if args.all_rows or not r.ok:
-            print(f"{r.family:<12} {r.config:<28} {r.dtype:<9} {r.bits:>4} {r.variant:<9} "
+            print(f"{r.family:<16} {r.config:<28} {r.dtype:<9} {r.bits:>4} {r.variant:<9} "
                   f"{'ok' if r.ok else 'ERROR ' + r.error}")
             if args.log and not r.ok:
                 print(r.log)

@@ -229,7 +229,7 @@ def compile_source(text: str, kernel: str, arch: str = ARCH, tk: Toolkit | None 
 
 
 # --- kernel families ------------------------------------------------------------------------
-_INT_INPUTS = ("idx", "order", "offsets")
+_INT_INPUTS = ("idx", "order", "offsets", "ids")
 
 
 def _signature_dtypes(fam, problem) -> tuple[list[str], list[str]]:
@@ -255,7 +255,7 @@ def family_source(fam, problem, config, x_div: int = 1) -> tuple[str, str]:
     body, header = fam.sources["cuda"].text()
     ins, outs = _signature_dtypes(fam, problem)
     template = fam.call_template(problem, config, x_div)
-    return cuda_source(f"mmt_{fam.name}", fam.input_names, fam.output_names, body, header,
+    return cuda_source(fam.kernel_name or f"mmt_{fam.name}", fam.input_names, fam.output_names, body, header,
                        [_Sig(d) for d in ins], outs, template)
 
 

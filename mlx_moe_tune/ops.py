@@ -198,16 +198,17 @@ def _prepare(x, w, scales, biases, indices, group_size, bits, mode, backend, m, 
 def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, indices: mx.array, *,
                group_size: int = 64, bits: int = 4, mode: str = "affine", sorted_indices: bool = False,
                config: Mapping[str, int] | str | None = None, family: str | None = None,
-               plan: Plan | None = None, backend: str | Backend | None = None, validate: bool = True,
+               plan: Plan | None = None, backend: str | Backend | None = None, validate: bool = False,
                m: float | None = None) -> mx.array:
     """Same result as `mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True,
     group_size=..., bits=..., mode=..., sorted_indices=...)`.
 
     plan: a `kernels.plan.make_plan(indices, E)` (or a `SharedPlan`) to reuse across calls with
-    the same routing (gate, up, down). validate: check expert ids on the host (one sync); pass
-    False in hot paths (the kernels never read out of bounds for a bad id either way). m: rows
-    per expert, if known (tile choice only). family/config: force a kernel family ("qmv",
-    "qmm") and tile.
+    the same routing (gate, up, down); with sorted indices none is needed (the kernels find
+    their rows in the ids). validate: check expert ids on the host and raise on one outside
+    [0, E) (one sync per call). Off by default: the call then never syncs, and a bad id's rows
+    come out as zeros (the kernels read no weights for it). m: rows per expert, if known (tile
+    choice only). family/config: force a kernel family ("qmv", "qmm") and tile.
     """
     return _call(x, ((w, scales, biases),), indices, group_size, bits, mode, sorted_indices, config,
                  family, plan, backend, validate, m)
@@ -220,7 +221,7 @@ def gather_qmm_glu(x: mx.array, w_gate, scales_gate, biases_gate, w_up, scales_u
                    indices: mx.array, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
                    sorted_indices: bool = False, config: Mapping[str, int] | str | None = None,
                    family: str | None = None, plan: Plan | None = None,
-                   backend: str | Backend | None = None, validate: bool = True,
+                   backend: str | Backend | None = None, validate: bool = False,
                    m: float | None = None) -> mx.array:
     """silu(gather_qmm(x, gate)) * gather_qmm(x, up) (mlx-lm SwitchGLU, SwiGLU).
 
@@ -269,21 +270,36 @@ def _call(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
     flat = as_dtype(flat, mx.int32)
     if validate:
         _check_range(flat, spec.problem.experts)
-    if spec.fam is None or "idx" not in spec.fam.input_names:  # the reuse kernels need the plan
-        if plan is None:
-            plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices, backend=spec.backend)
-        else:
+    # Sorted ids with no plan given run the reuse kernels' sorted twin, which finds its rows in
+    # the ids: the op is one launch. Otherwise the reuse kernels read a plan (built here once).
+    twin = plan is None and sorted_indices and spec.twin is not None
+    if plan is not None:  # read (and a SharedPlan built) only where a kernel consumes it
+        if spec.fam is not None and spec.fam.route == "plan":
             plan = as_plan(plan, spec.problem.experts, spec.problem.rows)
-    if spec.fam is None:  # fused SwiGLU below FUSED_MIN_M: two tuned calls sharing the plan
+    elif _needs_plan(spec, sorted_indices, twin):
+        plan = make_plan(flat, spec.problem.experts, sorted_indices=sorted_indices, backend=spec.backend)
+    if spec.fam is None:  # fused SwiGLU below FUSED_MIN_M: two tuned calls sharing the routing
         kw = dict(group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices,
                   plan=plan, backend=backend, validate=False, m=m)
         g = gather_qmm(x, *wsets[0], indices, **kw)
         return _swiglu(g, gather_qmm(x, *wsets[1], indices, **kw))
     weights = [a for w, sc, b in wsets for a in (w, as_dtype(sc, x.dtype), as_dtype(b, x.dtype))]
-    tail = [flat] if "idx" in spec.fam.input_names else [plan.order, plan.offsets]
-    (y,) = spec.fam.kernel(spec.backend, spec.smem)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype],
-                                                    **spec.kwargs)
+    if twin:
+        fam, kwargs, smem, tail = spec.twin, spec.twin_kwargs, spec.twin_smem, [flat]
+    else:
+        fam, kwargs, smem = spec.fam, spec.kwargs, spec.smem
+        tail = [flat] if fam.route == "ids" else [plan.order, plan.offsets]
+    (y,) = fam.kernel(spec.backend, smem)(inputs=[x2, *weights, *tail], output_dtypes=[x.dtype], **kwargs)
     return y.reshape(spec.out_shape)
+
+
+def _needs_plan(spec: "_Spec", sorted_indices: bool, twin: bool) -> bool:
+    """Whether a call with no plan given builds one: for the reuse kernels unless their sorted
+    twin runs, and for the fused op's two-call path (shared by both calls) unless the ids are
+    sorted (each call then runs the twin)."""
+    if spec.fam is None:
+        return not sorted_indices
+    return spec.fam.route == "plan" and not twin
 
 
 def describe(x, w, scales, biases, indices, *, group_size: int = 64, bits: int = 4, mode: str = "affine",
@@ -315,6 +331,9 @@ class _Spec:
     config: dict | None = None  # the tile chosen
     source: str = ""  # "argument", "table" or "default"
     smem: int = 0  # dynamic shared memory bytes (CUDA)
+    twin: object = None  # fam's sorted twin, for sorted ids without a plan (None: not valid here)
+    twin_kwargs: dict | None = None
+    twin_smem: int = 0
 
 
 _SPECS: dict = {}
@@ -334,4 +353,10 @@ def _spec(x, wsets, indices, group_size, bits, mode, sorted_indices, config, fam
             and problem.rows_per_expert < FUSED_MIN_M):
         return _Spec(problem, b, None, {}, x2.shape[0], materialize, out_shape, None, source)
     kwargs, smem = _launch_kwargs(fam, problem, cfg, b, x_div)
-    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source, smem)
+    twin, twin_kwargs, twin_smem = fam.sorted_twin if sorted_indices else None, None, 0
+    if twin is not None and twin.check(problem, cfg, b) is None:
+        twin_kwargs, twin_smem = _launch_kwargs(twin, problem, cfg, b, x_div)
+    else:
+        twin = None
+    return _Spec(problem, b, fam, kwargs, x2.shape[0], materialize, out_shape, cfg, source, smem,
+                 twin, twin_kwargs, twin_smem)

@@ -150,8 +150,11 @@ def plan(indices: mx.array, experts: int | None = None) -> Plan:
         experts = int(flat.max().item()) + 1 if P else 1  # host sync, documented above
     experts = _positive_int("experts", experts)
     pair = mx.arange(P, dtype=mx.int32)
-    # a composite key makes the sort stable; int64 only when expert*P would overflow int32
-    key = flat * P + pair if experts * max(P, 1) < 2**31 else flat.astype(mx.int64) * P + pair
+    # ids outside [0, E) sort last, after offsets[E], as in the plan kernel: the reuse kernels
+    # zero those rows. A composite key makes the sort stable; int64 only where int32 overflows.
+    bucket = mx.where((flat >= 0) & (flat < experts), flat, experts)
+    key = (bucket * P + pair if (experts + 1) * max(P, 1) < 2**31
+           else bucket.astype(mx.int64) * P + pair)
     order = mx.argsort(key).astype(mx.int32)
     # scatter-add counts here: the fused compare-and-count of expert_offsets was no faster inside
     # the whole op on the H100 (sweeps/results/h100/op-overhead/: op 224 vs 190 us at m=1, 208 vs

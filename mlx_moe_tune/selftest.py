@@ -90,6 +90,7 @@ class Inputs:
     arrays: dict = field(default_factory=dict)
     ref: np.ndarray | None = None  # x W^T per pair
     ref_glu: np.ndarray | None = None  # silu(x Wg^T) * (x Wu^T) per pair
+    sorted_rows: np.ndarray | None = None  # pair at each row of the sorted layout
 
 
 def build_inputs(case: Case, seed: int = 0) -> Inputs:
@@ -132,6 +133,9 @@ def build_inputs(case: Case, seed: int = 0) -> Inputs:
     out.ref = refs[""]
     out.ref_glu = g / (1.0 + np.exp(-g)) * u
     out.arrays.update(x=x, idx=mx.array(pair_expert), order=mx.array(order), offsets=mx.array(offsets))
+    # the sorted layout (a family's sorted_twin): pairs grouped by expert, one x row each
+    out.arrays.update(x_sorted=mx.array(x_rows[order]).astype(T), ids=mx.array(pair_expert[order]))
+    out.sorted_rows = order
     return out
 
 
@@ -141,9 +145,11 @@ def run_config(family, backend, case: Case, config: dict, inputs: Inputs, check:
 
     problem = case.problem()
     launch = family.launch(problem, config, backend)
-    template = family.call_template(problem, config, case.x_div)
+    sorted_layout = family.route == "sorted"
+    template = family.call_template(problem, config, 1 if sorted_layout else case.x_div)
+    names = [("x_sorted" if sorted_layout and n == "x" else n) for n in family.input_names]
     kwargs = dict(
-        inputs=[inputs.arrays[name] for name in family.input_names],
+        inputs=[inputs.arrays[name] for name in names],
         template=template,
         grid=launch.grid,
         threadgroup=launch.threadgroup,
@@ -155,7 +161,9 @@ def run_config(family, backend, case: Case, config: dict, inputs: Inputs, check:
         kwargs["check"] = check
     (y,) = family.kernel(backend, launch.shared_memory)(**kwargs)
     y = np.asarray(mx.array(y).astype(mx.float32), dtype=np.float64)
-    ref = inputs.ref_glu if "w_gate" in family.input_names else inputs.ref
+    ref = inputs.ref_glu if family.weight_sets == 2 else inputs.ref
+    if sorted_layout:
+        ref = ref[inputs.sorted_rows]
     scale = max(float(np.abs(ref).max()), 1e-30)
     err = float(np.abs(y - ref).max() / scale) if np.isfinite(y).all() else float("inf")
     return err, y
@@ -172,9 +180,9 @@ def _no_config(family, backend, case: Case) -> Result:
     problem = case.problem()
     gap = check_format_cuda(problem) if backend.dialect == "cuda" else None
     if gap is not None:
-        return Result(family.name, case.name, "-", False, message=gap, skipped=True)
+        return Result(family.label, case.name, "-", False, message=gap, skipped=True)
     why = Counter(family.check(problem, c, backend) for c in family.configs(backend.dialect)).most_common(1)
-    return Result(family.name, case.name, "-", False,
+    return Result(family.label, case.name, "-", False,
                   message="no valid config" + (f" (mostly: {why[0][0]})" if why and why[0][0] else ""))
 
 
@@ -192,10 +200,10 @@ def _run_one(family, backend, case: Case, cfg: dict, inputs: Inputs, check: bool
     try:
         err, _ = run_config(family, backend, case, cfg, inputs, check=check)
         ok = err <= TOLERANCE[case.dtype]
-        r = Result(family.name, case.name, config_id(cfg), ok, err,
+        r = Result(family.label, case.name, config_id(cfg), ok, err,
                    "" if ok else f"error {err:.2e} > {TOLERANCE[case.dtype]:.0e}")
     except Exception as e:  # a failing config is a result, not a crash
-        r = Result(family.name, case.name, config_id(cfg), False, None,
+        r = Result(family.label, case.name, config_id(cfg), False, None,
                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     r.seconds = time.perf_counter() - t0
     return r
@@ -211,7 +219,7 @@ def _run_task(backend_name: str, family_name: str, case: Case, cfg: dict, check:
 
     if case not in _INPUTS:
         _INPUTS[case] = build_inputs(case)
-    return _run_one(registry.get(family_name), get_backend(backend_name), case, cfg, _INPUTS[case], check)
+    return _run_one(registry.get_variant(family_name), get_backend(backend_name), case, cfg, _INPUTS[case], check)
 
 
 def selftest(families, backend, cases, *, check: bool = True, max_configs: int | None = None,
@@ -234,8 +242,7 @@ def selftest(families, backend, cases, *, check: bool = True, max_configs: int |
     from .kernels import registry
 
     todo = [(i, t) for i, t in enumerate(tasks) if t is not None]
-    parallel = jobs > 1 and len(todo) > 1 and all(registry.FAMILIES.get(f.name) is f for f, _, _ in
-                                                   (t for _, t in todo))
+    parallel = jobs > 1 and len(todo) > 1 and all(_registered(f) for f, _, _ in (t for _, t in todo))
     if echo:  # the cases with nothing to run, in report order before the runs
         for _, r in results:
             echo(r)
@@ -253,7 +260,7 @@ def selftest(families, backend, cases, *, check: bool = True, max_configs: int |
 
         # spawn, not fork: MLX's runtime threads do not survive a fork
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = {ex.submit(_run_task, backend.name, fam.name, case, cfg, check): i
+            futures = {ex.submit(_run_task, backend.name, fam.label, case, cfg, check): i
                        for i, (fam, case, cfg) in todo}
             for fut in as_completed(futures):
                 r = fut.result()
@@ -261,6 +268,16 @@ def selftest(families, backend, cases, *, check: bool = True, max_configs: int |
                 if echo:
                     echo(r)
     return [r for _, r in sorted(results, key=lambda ir: ir[0])]
+
+
+def _registered(fam) -> bool:
+    """Whether a worker process can look `fam` up by its label (not a test's ad-hoc family)."""
+    from .kernels import registry
+
+    try:
+        return registry.get_variant(fam.label) is fam
+    except ValueError:
+        return False
 
 
 def default_jobs(backend) -> int:
@@ -273,19 +290,20 @@ def default_jobs(backend) -> int:
 def format_row(r: Result) -> str:
     err = "-" if r.error is None else f"{r.error:.1e}"
     status = "skip" if r.skipped else "pass" if r.ok else "FAIL"
-    return f"{r.family:<8} {r.case:<22} {r.config:<36} {err:>8} {status:>5}  {r.message}"
+    return f"{r.family:<14} {r.case:<22} {r.config:<36} {err:>8} {status:>5}  {r.message}"
 
 
 def shipped_families(dialect: str):
-    """The gather_qmm kernel families that have a source in `dialect`."""
+    """The gather_qmm kernels (families and their sorted twins) that have a source in `dialect`."""
     from .kernels import registry
 
-    return [f for f in registry.families() if dialect in f.sources]
+    return [f for f in registry.variants() if dialect in f.sources]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default=None,
-                   help="metal | cuda | emulator-metal | emulator-cuda (default: the GPU, else emulator-metal)")
+    from .backend import add_backend_argument
+
+    add_backend_argument(p, "where the kernels run")
     p.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
     p.add_argument("--full", action="store_true", help="every config for every bits x group size x dtype")
     p.add_argument("--max-configs", type=int, default=None, help="at most this many configs per family and case")
@@ -302,9 +320,9 @@ def run(args) -> int:
 
         print(first_use.format_records(first_use.records()))
         return 0
-    from .backend import get_backend
+    from .backend import resolve
 
-    backend = get_backend(args.backend)
+    backend = resolve(args.backend)  # a one-line error for a backend this machine lacks
     families = shipped_families(backend.dialect)
     if args.family:
         known = {f.name for f in families}
@@ -318,8 +336,8 @@ def run(args) -> int:
         raise ValueError("--jobs must be >= 1")
     jobs = args.jobs or default_jobs(backend)
     t_start = time.perf_counter()
-    print(f"mlx-moe-tune selftest on {backend.name}: {', '.join(f.name for f in families)}")
-    print(f"{'family':<8} {'case':<22} {'config':<36} {'error':>8} {'':>5}")
+    print(f"mlx-moe-tune selftest on {backend.name}: {', '.join(f.label for f in families)}")
+    print(f"{'family':<14} {'case':<22} {'config':<36} {'error':>8} {'':>5}")
     results = selftest(families, backend, default_cases(args.full), check=not args.no_check,
                        max_configs=args.max_configs, jobs=jobs,
                        echo=lambda r: print(format_row(r), flush=True))

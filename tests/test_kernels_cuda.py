@@ -94,7 +94,12 @@ def test_every_shipped_config_on_emulator():
     cases = [selftest.Case(f"ragged-gs{gs}", counts=(0, 1, 5, 37), k=256, n=72, group_size=gs) for gs in (64, 32)]
     fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
     results = selftest.selftest(fams, backend, cases, check=True)
-    expected = sum(len(f.valid_configs(c.problem(), backend)) for f in fams for c in cases)
+    # the sorted twins (same tiles, rows found in the sorted ids): every config, one case
+    twins = [f.sorted_twin for f in fams if f.sorted_twin is not None]
+    assert [t.label for t in twins] == ["qmm.sorted", "qmm_glu.sorted"]
+    results += selftest.selftest(twins, backend, cases[:1], check=True)
+    expected = (sum(len(f.valid_configs(c.problem(), backend)) for f in fams for c in cases)
+                + sum(len(t.valid_configs(cases[0].problem(), backend)) for t in twins))
     assert len(results) == expected
     bad = [selftest.format_row(r) for r in results if not r.ok]
     assert not bad, "\n".join(bad)
@@ -108,7 +113,7 @@ def test_formats_on_emulator(bits, gs, dtype, x_div):
     counts = (3, 0, 1, 2) if x_div != 3 else (2, 1, 0, 3)
     case = selftest.Case(f"{bits}b-gs{gs}-{dtype}", counts=counts, k=2 * gs, n=40, bits=bits, group_size=gs,
                          dtype=dtype, x_div=x_div, configs="ends")
-    fams = [registry.FAMILIES[n] for n in FAMILY_NAMES]
+    fams = [v for v in registry.variants() if v.name in FAMILY_NAMES]
     results = selftest.selftest(fams, backend, [case], check=True)
     assert results and all(r.ok for r in results), "\n".join(selftest.format_row(r) for r in results)
 

@@ -16,13 +16,13 @@ from mlx_moe_tune import selftest
 from mlx_moe_tune.backend import EMULATOR_METAL
 from mlx_moe_tune.emulator import EmulatorCheckError
 
-FAMILY_NAMES = ("qmv", "qmv_glu", "qmm", "qmm_glu")
+FAMILY_NAMES = ("qmv", "qmv_glu", "qmm", "qmm_glu", "qmm.sorted", "qmm_glu.sorted")
 CASES = {c.name: c for c in selftest.default_cases()}
 
 
 @pytest.fixture(scope="module")
 def families():
-    fams = {f.name: f for f in selftest.shipped_families("metal")}
+    fams = {f.label: f for f in selftest.shipped_families("metal")}
     missing = [n for n in FAMILY_NAMES if n not in fams]
     assert not missing, f"families without a Metal source: {missing}"
     return fams
@@ -45,8 +45,8 @@ def test_every_shipped_config_on_ragged_shape(families):
         configs = fam.valid_configs(case.problem(), EMULATOR_METAL)
         # the validator must leave a real search space, not one or two survivors (qmv_glu: its
         # doubled accumulators rule out the largest register tiles)
-        assert len(configs) >= (8 if fam.name == "qmv_glu" else 12), (fam.name, [selftest.config_id(c) for c in configs])
-        expected[fam.name] = len(configs)
+        assert len(configs) >= (8 if fam.name == "qmv_glu" else 12), (fam.label, [selftest.config_id(c) for c in configs])
+        expected[fam.label] = len(configs)
     results = selftest.selftest(fams, EMULATOR_METAL, [case], check=True, jobs=JOBS)
     assert {n: sum(r.family == n for r in results) for n in expected} == expected
     _assert_all_pass(results, sum(expected.values()))

@@ -64,6 +64,7 @@ def test_every_shipped_config_compiles_for_sm90a_without_spills(toolkit):
              for name in FAMILY_NAMES for fam in [registry.FAMILIES[name]]
              for cfg in fam.valid_configs(GATE_UP, CUDA)]
     assert len(tasks) >= 40
+    tasks += [(fam.sorted_twin, GATE_UP, cfg, 1) for fam, _, cfg, _ in list(tasks) if fam.sorted_twin is not None]
     plan_problem = Problem(experts=128, k=1, n=1, rows=16 * 128)
     tasks.append((PLAN, plan_problem, next(PLAN.configs("cuda")), 1))
     _assert_compiled(_compile_all(tasks))

@@ -90,7 +90,19 @@ class KernelFamily:
     # by dialect: tile params a config may omit (tables and ids written before the param existed),
     # with the value that builds the kernel as it was then
     optional: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # how the kernel learns each pair's expert: "ids" (reads them directly), "plan" (a routing
+    # plan: order + offsets) or "sorted" (ids already grouped by expert, no plan)
+    route: str = "ids"
+    weight_sets: int = 1  # 2: gate and up, fused SwiGLU epilogue
+    # the same tiles on ids that are already sorted (route "sorted"), where this family has one
+    sorted_twin: "KernelFamily | None" = None
+    kernel_name: str = ""  # MLX's kernel name; default mmt_<name>
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        """Name of this kernel variant: the family's, with `.sorted` for a sorted twin."""
+        return f"{self.name}.sorted" if self.route == "sorted" else self.name
 
     def configs(self, dialect: str) -> Iterator[dict[str, int]]:
         over = space_overrides()
@@ -129,7 +141,7 @@ class KernelFamily:
             body, header = self.sources[backend.dialect].text()
             factory = backend.kernel_factory()
             kwargs = dict(
-                name=f"mmt_{self.name}",
+                name=self.kernel_name or f"mmt_{self.name}",
                 input_names=list(self.input_names),
                 output_names=list(self.output_names),
                 source=body,
@@ -148,27 +160,38 @@ WEIGHTS = ("w", "scales", "biases")
 GLU_WEIGHTS = ("w_gate", "scales_gate", "biases_gate", "w_up", "scales_up", "biases_up")
 _HEADERS = {"cuda": ("cuda/mmt_intrinsics.cuh", "cuda/mmt_gather.cuh"), "metal": ("metal/mmt_gather.h",)}
 _SUFFIX = {"cuda": "cu", "metal": "metal"}
+_ROUTE_INPUTS = {"ids": ("idx",), "plan": ("order", "offsets"), "sorted": ("ids",)}
 
 
-def gather_families(name: str, index_inputs: tuple[str, ...], space, check, launch,
+def gather_families(name: str, route: str, space, check, launch,
                     optional=None) -> tuple[KernelFamily, KernelFamily]:
     """A gather kernel family and its fused SwiGLU twin `<name>_glu`: they differ only in their
     weight inputs (one set, or gate and up), their body source, `check(..., glu=)` and
-    `launch(..., glu=)`."""
-    def make(fname: str, weights: tuple[str, ...], glu: bool) -> KernelFamily:
+    `launch(..., glu=)`. A "plan" family also gets a `sorted_twin` on the same tiles for ids
+    already grouped by expert (body `<name>_sorted`, `launch(..., route="sorted")`)."""
+    def make(fname: str, weights: tuple[str, ...], glu: bool, route: str, twin=None) -> KernelFamily:
+        body = fname if route != "sorted" else f"{fname}_sorted"
         return KernelFamily(
             name=fname,
-            input_names=("x", *weights, *index_inputs),
+            input_names=("x", *weights, *_ROUTE_INPUTS[route]),
             output_names=("y",),
-            sources={d: DialectSource(f"{d}/{fname}.{_SUFFIX[d]}", h) for d, h in _HEADERS.items()},
+            sources={d: DialectSource(f"{d}/{body}.{_SUFFIX[d]}", h) for d, h in _HEADERS.items()},
             space=space,
-            check=lambda p, c, b: check(p, c, b, glu=glu),
-            launch=lambda p, c, b: launch(p, c, b, glu=glu),
+            check=lambda p, c, b: check(p, c, b, glu=glu, route=route),
+            launch=lambda p, c, b: launch(p, c, b, glu=glu, route=route),
             template=lambda problem, config: template_args(problem, config),
             optional=optional or {},
+            route=route,
+            weight_sets=2 if glu else 1,
+            sorted_twin=twin,
+            kernel_name=f"mmt_{body}",
         )
 
-    return make(name, WEIGHTS, False), make(f"{name}_glu", GLU_WEIGHTS, True)
+    def pair(fname: str, weights: tuple[str, ...], glu: bool) -> KernelFamily:
+        twin = make(fname, weights, glu, "sorted") if route == "plan" else None
+        return make(fname, weights, glu, route, twin)
+
+    return pair(name, WEIGHTS, False), pair(f"{name}_glu", GLU_WEIGHTS, True)
 
 
 def config_id(config: Config) -> str:

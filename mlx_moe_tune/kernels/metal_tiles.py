@@ -132,10 +132,11 @@ def check_qmm_glu(problem, config: Mapping[str, int], backend: Backend) -> str |
 
 def launch_qmm(problem, config: Mapping[str, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid in threads, threadgroup) for qmm / qmm_glu: one threadgroup per (N tile, expert);
-    N tiles of one expert are neighbours in dispatch order, so they share its x rows in cache."""
+    N tiles of one expert are neighbours in dispatch order, so they share its x rows in cache.
+    One more row of threadgroups (y = E) zeroes the rows of ids outside [0, E)."""
     tg = SIMD * config["WM"] * config["WN"]
     n_blocks = -(-problem.n // config["BN"])
-    return (tg * n_blocks, problem.experts, 1), (tg, 1, 1)
+    return (tg * n_blocks, problem.experts + 1, 1), (tg, 1, 1)
 
 
 def default_choice(problem, glu: bool = False) -> tuple[str, dict[str, int]]:

@@ -2,7 +2,8 @@
 
 Each block owns (expert, N tile) and walks that expert's rows in BM-row chunks, taken in sorted
 order from the routing plan (`order`, `offsets`): sorted position i reads x row order[i] / X_DIV
-and writes y row order[i] (the unsort is fused). qmm_glu runs the gate and up weight sets in
+and writes y row order[i] (the unsort is fused). Each has a `sorted_twin` for ids already grouped
+by expert (mlx-lm's sorted layout), which finds its rows in the ids themselves: no plan launch. qmm_glu runs the gate and up weight sets in
 one pass over x and writes silu(gate) * up.
 
 CUDA tile (cuda/qmm.cu): BM rows per chunk (the mma n side, multiple of 8), FN 16-row fragments
@@ -43,11 +44,15 @@ def _threads(config: Mapping[str, int]) -> int:
     return WARP * config["WN"] * config["WK"]
 
 
-def cuda_blocks(problem, config: Mapping[str, int]) -> int:
-    """Upper bound of (unit, N tile) blocks: units = floor(P / (BM*MC)) + min(E, P); see
-    find_unit in cuda/mmt_gather.cuh. Needs no host sync on the routing."""
-    rows = max(problem.rows, 0)
-    units = rows // (config["BM"] * config["MC"]) + min(problem.experts, rows)
+def cuda_blocks(problem, config: Mapping[str, int], route: str = "plan") -> int:
+    """Upper bound of (unit, N tile) blocks, with no host sync on the routing (units: see
+    cuda/mmt_gather.cuh). Plan: floor(P / RPU) + min(E, P) runs of at most RPU = BM*MC rows,
+    plus the unit that zeroes bad ids' rows. Sorted: one per RPU-row chunk plus one per expert."""
+    rows, rpu = max(problem.rows, 0), config["BM"] * config["MC"]
+    if route == "sorted":
+        units = ceil_div(rows, rpu) + problem.experts
+    else:
+        units = rows // rpu + min(problem.experts, rows) + 1
     return units * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
 
 
@@ -73,7 +78,7 @@ def ws_smem_bytes(problem, config: Mapping[str, int], glu: bool) -> int:
     return cuda_dynamic_smem(xs_smem_bytes(problem, config) + 64, slots)
 
 
-def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
+def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool, route: str = "plan") -> str | None:
     if backend.dialect == "metal":
         return metal_tiles.check_qmm(problem, config, backend, glu=glu)
     if (why := check_format_cuda(problem)) is not None:
@@ -110,18 +115,19 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     smem = (wk - 1) * wn * acc * WARP * 4
     if smem > CUDA_STATIC_SMEM:
         return f"split-K buffer {smem} B > {CUDA_STATIC_SMEM} B of static shared memory"
-    if cuda_blocks(problem, config) * threads > GRID_LIMIT:
+    if cuda_blocks(problem, config, route) * threads > GRID_LIMIT:
         return f"{problem.rows} rows need more than 2^31 threads with BM={bm}, MC={mc}"
     return None
 
 
-def _launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False) -> Launch:
+def _launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False,
+            route: str = "plan") -> Launch:
     if backend.dialect == "metal":
         return Launch(*metal_tiles.launch_qmm(problem, config))
     threads = _threads(config)
-    return Launch((threads * cuda_blocks(problem, config), 1, 1), (threads, 1, 1),
+    return Launch((threads * cuda_blocks(problem, config, route), 1, 1), (threads, 1, 1),
                   ws_smem_bytes(problem, config, glu))
 
 
-QMM, QMM_GLU = gather_families("qmm", ("order", "offsets"), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
+QMM, QMM_GLU = gather_families("qmm", "plan", {"cuda": CUDA_SPACE, "metal": metal_tiles.QMM_SPACE},
                                 _check, _launch, OPTIONAL)

@@ -2,8 +2,7 @@
 block column. qmv_glu runs the gate and up weight sets on the same x loads and writes
 silu(gate) * up: a decode step's gate+up in one launch.
 
-Expert ids are read directly (no sort), so a decode step is a single launch. Inputs follow the
-contract in TEAM.md: x (X, K), w (E, N, K*bits/32) uint32, scales/biases (E, N, K/gs), idx (P,);
+Expert ids are read directly (no sort), so a decode step is a single launch. Inputs: x (X, K), w (E, N, K*bits/32) uint32, scales/biases (E, N, K/gs), idx (P,);
 x row of pair p is p / X_DIV; output y (P, N).
 
 CUDA tile (cuda/qmv.cu): FN 16-row mma fragments per warp, WN warps along N, WK warps splitting
@@ -41,7 +40,7 @@ def _cuda_blocks(problem, config: Mapping[str, int]) -> int:
     return max(problem.rows, 0) * ceil_div(problem.n, 16 * config["FN"] * config["WN"])
 
 
-def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> str | None:
+def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool, route: str = "ids") -> str | None:
     if backend.dialect == "metal":
         return metal_tiles.check_qmv(problem, config, backend, glu=glu)
     if (why := check_format_cuda(problem)) is not None:
@@ -70,12 +69,12 @@ def _check(problem, config: Mapping[str, int], backend: Backend, glu: bool) -> s
     return None
 
 
-def launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False) -> Launch:
+def launch(problem, config: Mapping[str, int], backend: Backend, glu: bool = False, route: str = "ids") -> Launch:
     if backend.dialect == "metal":
         return Launch(*metal_tiles.launch_qmv(problem, config))
     threads = _cuda_threads(config)
     return Launch((threads * _cuda_blocks(problem, config), 1, 1), (threads, 1, 1))
 
 
-QMV, QMV_GLU = gather_families("qmv", ("idx",), {"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
+QMV, QMV_GLU = gather_families("qmv", "ids", {"cuda": CUDA_SPACE, "metal": metal_tiles.QMV_SPACE},
                                 _check, launch, OPTIONAL)

@@ -16,6 +16,19 @@ def families() -> list[KernelFamily]:
     return list(FAMILIES.values())
 
 
+def variants() -> list[KernelFamily]:
+    """Every kernel the op can launch: each family and its sorted twin (same tiles, no plan)."""
+    return [v for f in FAMILIES.values() for v in (f, f.sorted_twin) if v is not None]
+
+
+def get_variant(label: str) -> KernelFamily:
+    """A variant by its `label` ("qmm", "qmm.sorted")."""
+    for v in variants():
+        if v.label == label:
+            return v
+    raise ValueError(f"unknown kernel variant {label!r}; choose from {sorted(v.label for v in variants())}")
+
+
 def add_space_argument(p) -> None:
     """`--space KEY=V1,V2` of sweep and tune (applied by set_space_overrides)."""
     p.add_argument("--space", action="append", default=None, metavar="KEY=V1,V2",
@@ -88,8 +101,8 @@ def _check(fam):
 
 
 def _build(fam):
-    glu = fam.name.endswith("_glu")  # gate and up: two weight copies per call, the fused op
-    decode = "idx" in fam.input_names  # qmv reads expert ids: mlx-lm's per-token layout
+    glu = fam.weight_sets == 2  # gate and up: two weight copies per call, the fused op
+    decode = fam.route == "ids"  # qmv reads expert ids: mlx-lm's per-token layout
 
     def build(case, config):
         from .. import ops  # imported lazily: ops imports this registry
@@ -110,27 +123,63 @@ def _build(fam):
     return build
 
 
-def _auto_config(case):
+def _layout(case, sorted_layout: bool):
+    return (case.x_sorted, case.idx_sorted) if sorted_layout else (case.x_unsorted, case.idx_unsorted)
+
+
+def _auto_config(sorted_layout: bool):
     """The op's own choice, as the sweep row's config: `family:CONFIG@source` (source: table or
     default), so a sweep after a tune shows the tuned tile being picked."""
-    from .. import ops
+    def configs(case):
+        from .. import ops
 
-    w, s, b = case.weights(0)
-    d = ops.describe(case.x_sorted, w, s, b, case.idx_sorted, **case.quant, sorted_indices=True,
-                     backend=case.backend)
-    return [f"{d['family']}:{d['config']}@{d['source']}"]
+        w, s, b = case.weights(0)
+        x, idx = _layout(case, sorted_layout)
+        d = ops.describe(x, w, s, b, idx, **case.quant, sorted_indices=sorted_layout, backend=case.backend)
+        return [f"{d['family']}:{d['config']}@{d['source']}"]
+
+    return configs
 
 
-def _build_auto(case, config):
-    from .. import ops
+def _build_auto(sorted_layout: bool):
+    """The op end to end as a user calls it (routing inside the call)."""
+    def build(case, config):
+        from .. import ops
 
-    nxt, q = case.rotation(), case.quant
+        nxt, q = case.rotation(), case.quant
+        x, idx = _layout(case, sorted_layout)
 
-    def call():
-        w, s, b = nxt()
-        return ops.gather_qmm(case.x_sorted, w, s, b, case.idx_sorted, **q, sorted_indices=True,
-                              validate=False, backend=case.backend)
-    return call
+        def call():
+            return ops.gather_qmm(x, *nxt(), idx, **q, sorted_indices=sorted_layout, backend=case.backend)
+        return call
+
+    return build
+
+
+def _build_pick(sorted_layout: bool):
+    """The kernel alone at the op's pick: the same family and tile with the routing plan computed
+    once outside the timed calls (what the tuner times), so `tuned.auto*` minus this is what the
+    op adds."""
+    def build(case, config):
+        from .. import ops
+        from .plan import make_plan
+
+        family, cfg = config.split("@")[0].split(":")
+        nxt, q = case.rotation(), case.quant
+        x, idx = _layout(case, sorted_layout)
+        plan = None
+        if get(family).route == "plan":
+            import mlx.core as mx
+
+            plan = _sorted_plan(case) if sorted_layout else make_plan(idx, case.problem.experts, backend=case.backend)
+            mx.eval(plan.order, plan.offsets)
+
+        def call():
+            return ops.gather_qmm(x, *nxt(), idx, **q, sorted_indices=sorted_layout, family=family,
+                                  config=cfg, plan=plan, backend=case.backend)
+        return call
+
+    return build
 
 
 def _register_sweep() -> None:
@@ -139,12 +188,17 @@ def _register_sweep() -> None:
     except ImportError:  # a build without the sweep module
         return
     for fam in families():
-        glu = fam.name.endswith("_glu")  # two weight sets: twice the bytes and flops
+        glu = fam.weight_sets == 2  # two weight sets: twice the bytes and flops
         nbytes = (lambda case: 2 * case.weight_bytes) if glu else None
         flops = (lambda case: 4.0 * case.rows * case.problem.k * case.problem.n) if glu else None
         sweep.register(sweep.SweepKernel(f"tuned.{fam.name}", _configs(fam), _build(fam), check=_check(fam),
                                          nbytes=nbytes, flops=flops, family=fam))
-    sweep.register(sweep.SweepKernel("tuned.auto", _auto_config, _build_auto))
+    for suffix, sorted_layout in (("", True), ("_unsorted", False)):
+        layout = "sorted" if sorted_layout else "unsorted"
+        sweep.register(sweep.SweepKernel(f"tuned.auto{suffix}", _auto_config(sorted_layout), _build_auto(sorted_layout),
+                                         layout=layout))
+        sweep.register(sweep.SweepKernel(f"tuned.pick{suffix}", _auto_config(sorted_layout), _build_pick(sorted_layout),
+                                         layout=layout))
 
 
 _register_sweep()
