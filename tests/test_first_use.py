@@ -123,3 +123,29 @@ def test_selftest_prints_the_cache(capsys):
     assert main(["selftest", "--cache"]) == 0
     out = capsys.readouterr().out
     assert "first-use verdicts" in out and "FAIL" in out and "fake-gpu-cli" in out and "qmv" in out
+
+
+def test_first_met_inside_mx_compile_records_no_verdict(monkeypatch):
+    """Where MLX refuses an eval inside a trace, the check waits for a call outside one (a
+    verdict recorded there would disable a good kernel for good)."""
+    from mlx_moe_tune import selftest
+    from mlx_moe_tune.kernels import registry
+    from mlx_moe_tune.kernels.family import Problem
+
+    be = _backend("fake-gpu-trace")
+    fam = registry.get("qmv")
+    problem = Problem(experts=4, k=128, n=40, rows=6, bits=4, group_size=64, dtype="bfloat16", m=1.5)
+    cfg = fam.valid_configs(problem, be)[0]
+    real = selftest.build_inputs
+
+    def refuse(case, seed=0):
+        raise RuntimeError("[eval] Attempting to eval an array during function transformations like "
+                           "compile or vmap is not allowed.")
+
+    monkeypatch.setattr(selftest, "build_inputs", refuse)
+    rec = first_use.check(fam, problem, cfg, be, 2)
+    assert rec["ok"] and "not checked inside a trace" in rec["message"]
+    assert first_use.records() == []
+    monkeypatch.setattr(selftest, "build_inputs", real)
+    assert first_use.check(fam, problem, cfg, be, 2)["ok"]  # outside the trace: checked, recorded
+    assert len(first_use.records()) == 1
