@@ -63,6 +63,11 @@ def default_backend(dialect: str | None = None) -> Backend:
     return BACKENDS[f"emulator-{dialect or 'metal'}"]
 
 
+class BackendUnavailable(ValueError, RuntimeError):
+    """A GPU backend asked for where MLX has none (a ValueError, so the CLI prints one line; a
+    RuntimeError, as callers that catch the older exception expect)."""
+
+
 def get_backend(name: str | Backend | None) -> Backend:
     if isinstance(name, Backend):
         return name
@@ -72,5 +77,47 @@ def get_backend(name: str | Backend | None) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}")
     b = BACKENDS[name]
     if not b.emulated and gpu_backend() != b.name:
-        raise RuntimeError(f"backend {name!r} is not available here (MLX GPU backend: {gpu_backend()})")
+        raise BackendUnavailable(f"backend {name!r} is not available here (MLX GPU backend: {gpu_backend()})")
+    return b
+
+
+# --- the `--backend` option every subcommand shares ------------------------------------------
+# auto: the GPU when MLX has one, else the CPU; gpu: whichever GPU backend MLX has; metal / cuda:
+# that GPU backend; cpu: MLX ops on the CPU, our kernels on the emulator (the GPU's dialect, else
+# Metal); emulator-metal / emulator-cuda: the CPU with that emulator dialect.
+CHOICES = ("auto", "gpu", "metal", "cuda", "cpu", "emulator-metal", "emulator-cuda")
+CHOICES_HELP = ("auto (the GPU, else the CPU), gpu, metal, cuda, cpu (kernels on the emulator), "
+                "emulator-metal, emulator-cuda (default auto)")
+
+
+def add_backend_argument(p, help_prefix: str = "where MLX ops and our kernels run") -> None:
+    p.add_argument("--backend", default="auto", metavar="NAME", help=f"{help_prefix}: {CHOICES_HELP}")
+
+
+def resolve(choice: str | None, *, set_device: bool = False) -> Backend:
+    """The kernel backend for a `--backend` choice (None = auto); with `set_device`, also make
+    MLX's default device the GPU (GPU backends) or the CPU (emulated). Raises ValueError with
+    one line naming the option and what was expected."""
+    choice = "auto" if choice is None else str(choice)
+    if choice not in CHOICES:
+        raise ValueError(f"--backend {choice!r}: choose from {', '.join(CHOICES)}")
+    gpu = gpu_backend()
+    if choice == "auto":
+        b = BACKENDS[gpu] if gpu else default_backend()
+    elif choice == "gpu":
+        if gpu is None:
+            raise ValueError("--backend gpu: MLX has no GPU backend here (install mlx[cuda] or use a Mac); "
+                             "use --backend cpu or auto")
+        b = BACKENDS[gpu]
+    elif choice in ("metal", "cuda"):
+        if gpu != choice:
+            raise ValueError(f"--backend {choice}: MLX has no {choice} backend here (GPU backend: {gpu}); "
+                             f"use --backend {'auto' if gpu else 'cpu'} or emulator-{choice}")
+        b = BACKENDS[choice]
+    elif choice == "cpu":
+        b = BACKENDS[f"emulator-{gpu or 'metal'}"]
+    else:
+        b = BACKENDS[choice]
+    if set_device:
+        mx.set_default_device(mx.cpu if b.emulated else mx.gpu)
     return b

@@ -47,11 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command not in modules:
         parser.error(f"command {args.command!r} is not available in this build")
+    # the command line to re-run after a hard hang (watchdog.py): only when this process is the
+    # command line's own, never when main() was called from other code (tests, notebooks)
+    args.restart_argv = list(sys.orig_argv) if argv is None and getattr(sys, "orig_argv", None) else None
     try:
         return int(modules[args.command].run(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (CLIError, ValueError, OSError) as e:
         print(f"mlx-moe-tune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = getattr(modules[args.command], "INTERRUPT_HINT", "")
+        print(f"mlx-moe-tune {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

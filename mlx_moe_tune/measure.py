@@ -128,8 +128,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3, batch: int | None = None,
-            sample_s: float | None = None) -> Timing:
-    """Time `fn()` (returns mx arrays) as described in the module docstring."""
+            sample_s: float | None = None, max_batch: int | None = None) -> Timing:
+    """Time `fn()` (returns mx arrays) as described in the module docstring. `max_batch` caps
+    the calls whose outputs one sample holds at once (the sweep sets it from free memory)."""
     iters = iters or (50 if on_gpu() else 10)
     for _ in range(max(warmup, 1)):
         mx.eval(fn())
@@ -139,7 +140,7 @@ def time_fn(fn: Callable[[], object], iters: int | None = None, warmup: int = 3,
     mx.synchronize()
     single = max(time.perf_counter() - t0, 1e-7)
     if batch is None:
-        batch = int(min(MAX_BATCH, max(1, (sample_s or SAMPLE_S) // single)))
+        batch = int(min(max_batch or MAX_BATCH, MAX_BATCH, max(1, (sample_s or SAMPLE_S) // single)))
     iters = int(max(min(iters, MIN_ITERS), min(iters, MAX_MEASURE_S // (single * batch))))
     samples = []
     for _ in range(iters):
@@ -176,10 +177,15 @@ def write_rows(path, rows: list[dict], fieldnames: list[str] | None = None) -> N
     """Measurement rows (dicts) as CSV with a header: what the H100 scripts commit as data."""
     import csv
 
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from .safeio import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 # --- routing -------------------------------------------------------------------------------
@@ -354,19 +360,113 @@ def case_reference(case: Case, layout: str = "sorted") -> np.ndarray:
     `sorted`: (P, N) in x_sorted's row order; `unsorted`: (T, top_k, N)."""
     w, s, b = case.weights(0)
     p = case.problem
-    wd = mx.dequantize(w, s, b, group_size=p.group_size, bits=p.bits, mode=p.mode).astype(mx.float32)
     xs = case.x_sorted.reshape(case.rows, p.k).astype(mx.float32)
     idx = np.asarray(case.idx_sorted).reshape(-1)
     if idx.size and np.any(np.diff(idx) < 0):
         raise ValueError("case.idx_sorted is not sorted")
     cuts = [0, *(np.flatnonzero(np.diff(idx)) + 1).tolist(), idx.size]
-    parts = [xs[a:e] @ wd[int(idx[a])].T for a, e in zip(cuts[:-1], cuts[1:]) if e > a]
+    parts = []
+    for a, e in zip(cuts[:-1], cuts[1:]):  # one expert dequantized at a time: memory stays ~N*K floats
+        if e > a:
+            ex = int(idx[a])
+            wd = mx.dequantize(w[ex], s[ex], None if b is None else b[ex], group_size=p.group_size, bits=p.bits,
+                               mode=p.mode).astype(mx.float32)
+            parts.append(xs[a:e] @ wd.T)
+            mx.eval(parts[-1])
     y = mx.concatenate(parts, axis=0) if parts else mx.zeros((0, p.n), dtype=mx.float32)
     if layout == "unsorted":
         y = y[case.plan.inv_order].reshape(case.tokens, case.top_k, p.n)
     elif layout != "sorted":
         raise ValueError(f"layout must be 'sorted' or 'unsorted', got {layout!r}")
     return np.asarray(y, dtype=np.float64)
+
+
+# --- memory: will a point fit? -------------------------------------------------------------
+# The sweep asks before it allocates, so a point too large for this device becomes a
+# `skipped: memory` row instead of an out-of-memory crash. Estimates are upper bounds of what
+# prepare_case and one timing sample hold at once, with MEMORY_MARGIN on top.
+
+MEMORY_MARGIN = 1.2
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_available() -> int | None:
+    """Bytes this process's MLX arrays may occupy: on a GPU the device's memory (Metal: its
+    recommended working set) capped by MLX's memory limit; on the CPU the machine's RAM that is
+    free now (plus what MLX already holds), capped the same way. None when unknown."""
+    info = mx.device_info()
+    limits = []
+    with_limit = getattr(mx, "get_memory_limit", None)
+    if with_limit is not None:
+        limits.append(int(with_limit()))
+    if on_gpu():
+        dev = info.get("max_recommended_working_set_size") or info.get("memory_size") or info.get("total_memory")
+        if dev:
+            limits.append(int(dev))
+    else:
+        ram = _ram_bytes()
+        if ram:
+            limits.append(ram)
+        free = _meminfo_available()
+        if free is not None:
+            held = int(mx.get_active_memory()) + int(mx.get_cache_memory())
+            limits.append(free + held)
+    limits = [v for v in limits if v > 0]
+    return min(limits) if limits else None
+
+
+def weight_copy_bytes(problem: Problem) -> int:
+    """Bytes of one copy of all E experts' quantized weights, scales and biases."""
+    E, N, K = problem.experts, problem.n, problem.k
+    groups = E * N * (K // problem.group_size)
+    if problem.mode == "affine":
+        per_group = 2 * mx.array(0, dtype=MTYPES[problem.dtype]).itemsize  # scale + bias
+    else:
+        per_group = 1  # E8M0 / E4M3 scales
+    return E * N * K * problem.bits // 8 + groups * per_group
+
+
+def point_memory(problem: Problem, m: int, top_k: int, router: str = "balanced", verify: bool = False) -> int:
+    """Upper bound of what `prepare_case` allocates for this point (weights with their copies,
+    the float weights quantize() starts from, x in both layouts, routing), plus the float32
+    reference of a verification when `verify`."""
+    E, N, K = problem.experts, problem.n, problem.k
+    item = mx.array(0, dtype=MTYPES[problem.dtype]).itemsize
+    T = tokens_for(router, m, E, top_k)
+    P = T * top_k
+    one = weight_copy_bytes(problem)
+    active = min(E, P)
+    copies = copies_for(active * one // E)
+    total = one * copies + E * N * K * (4 + item)  # float32 normal -> dtype -> quantize
+    total += T * K * item + P * K * item + P * 4 * 6  # x, x_sorted, indices and plan
+    if verify:
+        total += (P * K + N * K + 2 * P * N) * 4  # float32 x, one dequantized expert, y
+    return int(total * MEMORY_MARGIN)
+
+
+def fits(nbytes: int, available: int | None = None) -> str | None:
+    """None when `nbytes` fit in memory_available(), else the reason (for a skipped row)."""
+    avail = memory_available() if available is None else available
+    if avail is None or nbytes <= avail:
+        return None
+    return f"needs ~{nbytes / 1e9:.3g} GB; {avail / 1e9:.3g} GB available"
 
 
 # --- bandwidth probe ------------------------------------------------------------------------

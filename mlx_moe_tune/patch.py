@@ -220,6 +220,10 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
         from .backend import get_backend
 
         backend = get_backend(backend)  # fail now, not at the first forward
+    if table is not None and not os.path.isdir(os.path.expanduser(table)):
+        what = "is a file" if os.path.exists(os.path.expanduser(table)) else "does not exist"
+        raise ValueError(f"patch_model(table={str(table)!r}): {what}; expected a tuning-table directory "
+                         "(what `mlx-moe-tune tune --table DIR` writes), or None for the default lookup")
     swaps = []
     inside = set()
     for path, m in _named(model, SwitchGLU):

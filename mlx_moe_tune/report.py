@@ -28,9 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt(x: float, digits: int = 0) -> str:
+    """`digits` decimals, more where that would show fewer than 3 significant digits: GB/s
+    over 10 as integers (2,430), a CPU's 0.0542 GB/s as 0.0542, not 0."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    x = float(x)
+    if x != 0 and math.isfinite(x) and abs(x) < 10:
+        digits = max(digits, 2 - math.floor(math.log10(abs(x))))
     return f"{x:,.{digits}f}"
+
+
+def _speedup(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{_fmt(x)}x"
 
 
 def _best(rows, column: str = "gbps"):
@@ -91,7 +102,7 @@ def table(df, stock: str | None = None) -> str:
         else:
             label, tuned_gbps, roof = "-", float("nan"), float("nan")
         speedup = tuned_gbps / stock_gbps if stock_gbps > 0 else float("nan")
-        speed = "-" if math.isnan(speedup) else f"{speedup:.2f}x"
+        speed = _speedup(speedup)
         lines.append(
             f"| {m:g} | {_fmt(stock_gbps)} | {_fmt(tuned_gbps)} | {label} | {speed} | {_fmt(roof, 1)} |"
         )
@@ -106,6 +117,10 @@ def render(df, stock: str | None = None) -> str:
         raise ValueError(f"not a sweep CSV: missing column(s) {', '.join(missing)}")
     if df.empty:
         raise ValueError("the sweep CSV has no rows")
+    if stock is not None:
+        present = sorted({str(k) for k in df["kernel"].dropna().unique() if str(k) not in ("ref.bandwidth", "*")})
+        if stock not in present:
+            raise ValueError(f"--stock {stock!r}: no such kernel in this CSV; expected one of {', '.join(present)}")
     out = []
     head = []
     for col in ("device", "backend"):
@@ -141,9 +156,23 @@ def run(args) -> int:
         df = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable CSV ({msg})") from None
+    if "gbps" in df.columns:  # a torn or hand-edited value must not make the column text
+        df["gbps"] = pd.to_numeric(df["gbps"], errors="coerce")
+    if "pct_roofline" in df.columns:
+        df["pct_roofline"] = pd.to_numeric(df["pct_roofline"], errors="coerce")
     text = render(df, args.stock)
     if args.output:
-        Path(args.output).write_text(text)
+        from .safeio import atomic_write_text
+
+        out = Path(args.output)
+        if out.is_dir():
+            raise ValueError(f"-o {out}: is a directory; expected a file name for the markdown")
+        if not out.parent.exists():
+            raise ValueError(f"-o {out}: directory {out.parent} does not exist")
+        atomic_write_text(out, text)
     else:
         print(text)
     return 0

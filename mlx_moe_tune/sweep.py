@@ -53,6 +53,7 @@ class SweepKernel:
     flops: Callable | None = None
     family: object = None
     version: str | None = None
+    layout: str | None = None  # "sorted" / "unsorted": the output is checked against the reference
 
 
 KERNELS: dict[str, SweepKernel] = {}
@@ -270,7 +271,9 @@ def check_format(mode: str, bits: int, group_size: int, dtype: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .backend import add_backend_argument
     from .kernels.registry import add_space_argument
+    from .watchdog import DEFAULT_TIMEOUT_S
 
     p.add_argument("--preset", help="sweeps/<NAME>.toml (default: tiny on CPU, gemma-26b-a4b on a GPU)")
     p.add_argument("--shape", help="E,K,N,TOPK instead of a preset (one matrix)")
@@ -290,8 +293,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. 'BM16_*,BM32_BN64_BK64_WM2_WN2'")
     p.add_argument("-o", "--output", default="sweep.csv", help="CSV to write (JSON sidecar beside it)")
     p.add_argument("--resume", action="store_true", help="append to OUTPUT, skipping rows already there")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "metal", "cuda"],
-                   help="device for MLX ops (auto: the GPU when MLX has one)")
+    add_backend_argument(p)
+    p.add_argument("--config-timeout", default=None, metavar="SECONDS",
+                   help=f"time limit of one (kernel, config, m) measurement; past it the row is "
+                   f"'failed: ConfigTimeout' and the sweep goes on (default {DEFAULT_TIMEOUT_S:g}; 0 = none)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check each gather_qmm kernel's output against the reference before timing it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_space_argument(p)
 
@@ -304,32 +311,22 @@ class Plan:
     config_globs: list[str] | None
     output: Path
     device: str  # "cpu" | "gpu"
-
-
-def _select_device(choice: str) -> str:
-    import mlx.core as mx
-
-    from .backend import gpu_backend
-
-    gpu = gpu_backend()
-    if choice == "auto":
-        choice = "gpu" if gpu else "cpu"
-    if choice in ("metal", "cuda") and gpu != choice:
-        raise ValueError(f"--backend {choice}: MLX has no {choice} backend here (GPU backend: {gpu})")
-    if choice in ("gpu", "metal", "cuda"):
-        if gpu is None:
-            raise ValueError("--backend gpu: MLX has no GPU backend here (install mlx[cuda] or use a Mac)")
-        mx.set_default_device(mx.gpu)
-        return "gpu"
-    mx.set_default_device(mx.cpu)
-    return "cpu"
+    backend: str = ""  # where tuned kernels run: metal, cuda, emulator-metal, emulator-cuda
 
 
 def _check_output(path: Path, resume: bool) -> None:
+    """-o must be a writable file. A missing parent directory is created, and said so on stderr
+    (`-o out/sweep.csv` in a fresh checkout is the README's own command)."""
     if path.is_dir():
         raise ValueError(f"-o {path}: is a directory; give a .csv file name")
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"-o {path}: cannot create its directory {parent} ({e.strerror or e})") from None
+        print(f"mlx-moe-tune sweep: created directory {parent} for -o {path}", file=sys.stderr)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a"):
             pass
     except OSError as e:
@@ -340,8 +337,10 @@ def _check_output(path: Path, resume: bool) -> None:
 
 def make_plan(args) -> Plan:
     from . import presets
+    from .backend import resolve
 
-    device = _select_device(args.backend)
+    kb = resolve(args.backend, set_device=True)
+    device = "cpu" if kb.emulated else "gpu"
     if args.preset and args.shape:
         raise ValueError("give --preset or --shape, not both")
     if args.shape:
@@ -380,21 +379,21 @@ def make_plan(args) -> Plan:
                 raise ValueError(f"--m {m}: balanced routing needs m*E divisible by top_k "
                                  f"(E={preset.experts}, top_k={preset.top_k})")
     load_registry()
-    kernels = select_kernels(args.kernels, device)
+    kernels = select_kernels(args.kernels, device, kb)
     # the probe first at every m, so each kernel's pct_roofline uses a bandwidth measured just before
     kernels.sort(key=lambda n: n != "ref.bandwidth")
     output = Path(args.output)
     _check_output(output, args.resume)
     globs = [g.strip() for g in args.configs.split(",") if g.strip()] if args.configs else None
-    return Plan(preset, ms, kernels, globs, output, device)
+    return Plan(preset, ms, kernels, globs, output, device, kb.name)
 
 
-def select_kernels(spec: str | None, device: str) -> list[str]:
+def select_kernels(spec: str | None, device: str, kernel_backend=None) -> list[str]:
     from .backend import default_backend
 
     if not spec:
         names = list(KERNELS)
-        if device == "cpu" or default_backend().emulated:
+        if device == "cpu" or (kernel_backend or default_backend()).emulated:
             # tuned kernels would run on the SIMT emulator here: correct but far too slow to time
             names = [n for n in names if not n.startswith("tuned.")]
         return names
@@ -461,7 +460,7 @@ def metadata(plan: Plan, backend_name: str) -> dict:
         "device_info": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in mx.device_info().items()},
         "device": measure.device_name(),
         "backend": backend_name,
-        "kernel_backend": _kernel_backend(plan.device),
+        "kernel_backend": plan.backend or _kernel_backend(plan.device),
         "mlx_version": mx.__version__,
         "package_version": __version__,
         "git_commit": _git_commit(),
@@ -491,22 +490,51 @@ def _kernel_backend(device: str) -> str:
     return default_backend().name
 
 
-def _read_done(path: Path) -> tuple[set, dict]:
-    """Keys of rows already in the CSV, and the last probe GB/s per (matrix, m)."""
-    done, probe = set(), {}
+POINT_COLUMNS = [c for c in KEY_COLUMNS if c not in ("kernel", "config")]
+INTERRUPT_HINT = "the CSV keeps every finished row: rerun with --resume to continue"
+
+
+@dataclass
+class Done:
+    """What a CSV already holds (resume): row keys, points finished as a whole (a `*` row: the
+    inputs could not be prepared or would not fit), the last probe GB/s per (matrix, m)."""
+
+    keys: set
+    points: set
+    probe: dict
+    bad_rows: int = 0
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row.get(c, "")) for c in KEY_COLUMNS)
+
+
+def _point_key(row: dict) -> tuple:
+    return tuple(str(row.get(c, "")) for c in POINT_COLUMNS)
+
+
+def _read_done(path: Path) -> Done:
+    """Keys of the complete rows already in the CSV. A row with missing or extra fields (not
+    written by a finished writerow) does not count as done: it is measured again."""
+    done = Done(set(), set(), {})
     if not path.is_file() or path.stat().st_size == 0:
-        return done, probe
+        return done
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != COLUMNS:
             raise ValueError(f"--resume: {path} was not written by this version of the sweep (other columns); "
                              "use a new -o file")
         for row in reader:
-            done.add(tuple(str(row.get(c, "")) for c in KEY_COLUMNS))
+            if None in row or None in row.values() or not row.get("status"):
+                done.bad_rows += 1
+                continue
+            done.keys.add(_key(row))
+            if row["kernel"] == "*":
+                done.points.add(_point_key(row))
             if row.get("kernel") == "ref.bandwidth" and row.get("config") in _read_probes() and row.get("status") == "ok":
                 k = (row.get("matrix"), row.get("m"))
-                probe[k] = max(probe.get(k, 0.0), float(row["gbps"]))
-    return done, probe
+                done.probe[k] = max(done.probe.get(k, 0.0), float(row["gbps"]))
+    return done
 
 
 def _fmt(v):
@@ -515,110 +543,268 @@ def _fmt(v):
     return "" if v is None else v
 
 
+def _read_sidecar(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _layout(kernel: SweepKernel) -> str | None:
+    """Which reference layout a kernel's output is checked against (None: not a plain gather_qmm
+    output, e.g. the fused SwiGLU, one expert's matmul, the bandwidth probe)."""
+    if kernel.layout is not None:
+        return kernel.layout
+    fixed = {"stock.gather_qmm": "sorted", "stock.gather_qmm_unsorted": "unsorted", "ref.gather_mm_bf16": "sorted",
+             "tuned.auto": "sorted"}
+    if kernel.name in fixed:
+        return fixed[kernel.name]
+    fam = kernel.family
+    if fam is None or getattr(fam, "weight_sets", 1) == 2 or str(getattr(fam, "name", "")).endswith("_glu"):
+        return None  # the fused gate+up op: another reference
+    # as kernels.registry builds it: families that read expert ids run the per-token layout
+    ids = getattr(fam, "route", None) == "ids" or "idx" in getattr(fam, "input_names", ())
+    return "unsorted" if ids else "sorted"
+
+
+def _out_bytes(kernel: SweepKernel, case, config) -> int:
+    """Bytes of one call's output (a timing sample holds `batch` of them)."""
+    from . import measure
+
+    if kernel.name == "ref.bandwidth":
+        nbytes = measure.GPU_PROBE_BYTES if measure.on_gpu() else measure.CPU_PROBE_BYTES
+        return {"sum": 4, "rowsum": nbytes // 8192 * 4}.get(config, nbytes)
+    item = case.x.itemsize
+    rows = case.m if kernel.name == "stock.quantized_matmul" else case.rows
+    return rows * case.problem.n * item
+
+
+def _fixed_bytes(kernel: SweepKernel, case) -> int:
+    """Bytes a kernel holds beyond the case and its outputs (probe buffer, bf16 weights)."""
+    from . import measure
+
+    if kernel.name == "ref.bandwidth":
+        return measure.GPU_PROBE_BYTES if measure.on_gpu() else measure.CPU_PROBE_BYTES
+    if kernel.name == "ref.gather_mm_bf16":
+        p = case.problem
+        return measure.copies_for(_dense_bytes(case)) * p.experts * p.n * p.k * case.x.itemsize
+    return 0
+
+
+# MLX's CPU gather_qmm in bfloat16 rounds as it accumulates: 3.4% off the float32 reference at
+# K=256, 8.6% at K=2816. A wrong row or expert is off by about 1 (max |y - ref| / max |ref|).
+GROSS_TOLERANCE = 0.5
+
+
+class _Verifier:
+    """The reference of one point in each layout, computed once, and the check of an output."""
+
+    def __init__(self, case):
+        self.case, self.refs = case, {}
+
+    def __call__(self, kernel: SweepKernel, fn) -> str | None:
+        import numpy as np
+
+        from . import measure
+        from .tune import TOLERANCE, _rel_error, _to_numpy
+
+        layout = _layout(kernel)
+        if layout is None:
+            return None
+        if layout not in self.refs:
+            self.refs[layout] = measure.case_reference(self.case, layout)
+        ref = self.refs[layout]
+        y = _to_numpy(fn())
+        if y.size != ref.size:
+            return f"output has {y.size} values; reference {ref.size}"
+        err = _rel_error(y.reshape(ref.shape), ref)
+        if kernel.name.startswith(("stock.", "ref.")):
+            tol = GROSS_TOLERANCE  # MLX's own kernels: catch garbage, not MLX's rounding
+        else:
+            tol = TOLERANCE.get(self.case.problem.dtype, 3e-2)  # ours: the tuner's bound
+        return None if err <= tol else f"relative error {err:.3g} > {tol:g} vs the reference"
+
+
 def run_sweep(plan: Plan, *, router="balanced", seed=0, iters=None, resume=False, quiet=False,
-              skew=1.2, active=None) -> dict:
-    """Measure every (matrix, m, kernel, config); returns counts by status."""
-    import mlx.core as mx
+              skew=1.2, active=None, verify=True, config_timeout=None, restart_argv=None) -> dict:
+    """Measure every (matrix, m, kernel, config); returns counts by status.
+
+    Crash safety: rows are appended and flushed one at a time under an exclusive lock on the CSV
+    (a second sweep on the same file is refused); on resume a torn last line (a killed writer)
+    is dropped and re-measured; the JSON sidecar is replaced atomically at the start and end."""
     from tqdm import tqdm
 
     from . import measure
     from .kernels.family import Problem
+    from .safeio import atomic_write_text, drop_torn_tail, locked, warn
+    from .watchdog import ConfigTimeout, Watchdog
 
     from .backend import gpu_backend
 
     backend_name = "cpu" if plan.device == "cpu" else gpu_backend()
-    kb = _kernel_backend(plan.device)
+    kb = plan.backend or _kernel_backend(plan.device)
     device = measure.device_name()
     p = plan.preset
-    done, probe = _read_done(plan.output) if resume else (set(), {})
-    mode = "a" if resume else "w"
-    new_file = not resume or not plan.output.is_file() or plan.output.stat().st_size == 0
+    sidecar = plan.output.with_suffix(".json")
+    old_meta = _read_sidecar(sidecar) if resume else None
+    if resume and old_meta is None and sidecar.exists():
+        warn(f"{sidecar}: unreadable, rewritten")
     meta = metadata(plan, backend_name)
     meta.update(router=router, seed=seed, iters=iters or ("default: 50" if plan.device == "gpu" else "default: 10"),
                 skew=skew if router == "skewed" else None, active=active if router == "sparse" else None,
-                points={})
-    sidecar = plan.output.with_suffix(".json")
+                verify=verify, config_timeout_s=config_timeout, points={}, finished=None)
+    if old_meta is not None:
+        meta["resumed_from"] = {k: old_meta.get(k) for k in ("date", "git_commit", "mlx_version", "counts")}
+        meta["points"] = dict(old_meta.get("points") or {})
     counts: dict[str, int] = {}
-    bar = tqdm(total=len(p.matrices) * len(plan.ms), disable=quiet, desc="sweep", unit="point", file=sys.stderr)
-    with open(plan.output, mode, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new_file:
-            w.writeheader()
-            f.flush()
-        for mt in p.matrices:
-            problem = Problem(experts=p.experts, k=mt.k, n=mt.n, rows=p.experts, bits=p.bits,
-                              group_size=p.group_size, mode=p.mode, dtype=p.dtype)
-            for m in plan.ms:
-                bar.set_postfix_str(f"{mt.name} m={m}")
-                base = dict(matrix=mt.name, m=m, experts=p.experts, top_k=p.top_k, k=mt.k, n=mt.n, mode=p.mode,
-                            bits=p.bits, group_size=p.group_size, dtype=p.dtype, router=router, seed=seed,
-                            backend=backend_name, device=device)
-                try:
-                    case = measure.prepare_case(problem, m=m, top_k=p.top_k, router=router, seed=seed,
-                                                backend=kb, skew=skew, active=active)
-                except Exception as e:  # e.g. OOM while making weights: every kernel at this point fails
-                    row = dict(base, kernel="*", config="", status=f"failed: preparing inputs: {_short(e)}")
-                    w.writerow({k: _fmt(v) for k, v in row.items()})
-                    f.flush()
-                    counts["failed"] = counts.get("failed", 0) + 1
-                    bar.update(1)
-                    continue
-                base.update(tokens=case.tokens, active_experts=case.active_experts)
-                meta["points"][f"{mt.name}/m={m}"] = case.cache_defeat
-                for name in plan.kernels:
-                    kernel = KERNELS[name]
-                    try:
-                        configs = pick_configs(kernel, case, plan.config_globs)
-                    except Exception as e:
-                        configs = []
-                        row = dict(base, kernel=name, config="", status=f"failed: listing configs: {_short(e)}")
-                        w.writerow({k: _fmt(v) for k, v in row.items()})
-                        f.flush()
-                    for config in configs:
-                        row = dict(base, kernel=name, config=config_str(config))
-                        if tuple(str(row.get(c, "")) for c in KEY_COLUMNS) in done:
-                            continue
-                        row.update(_measure_one(kernel, case, config, iters))
-                        if name == "ref.bandwidth" and config in _read_probes() and row["status"] == "ok":
-                            k = (mt.name, str(m))
-                            probe[k] = max(probe.get(k, 0.0), row["gbps"])
-                        roof = probe.get((mt.name, str(m))) or (max(probe.values()) if probe else None)
-                        if row.get("gbps") and roof:
-                            row["pct_roofline"] = 100.0 * row["gbps"] / roof
-                        w.writerow({k: _fmt(v) for k, v in row.items()})
-                        f.flush()
-                        key = row["status"].split(":")[0]
-                        counts[key] = counts.get(key, 0) + 1
-                del case
-                gc.collect()
-                bar.update(1)
-    bar.close()
-    meta["counts"] = counts
-    meta["bandwidth_probe_gbps"] = max(probe.values()) if probe else None
-    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if resume and sidecar.is_file():
+    argv = None
+    if restart_argv:
+        argv = list(restart_argv) + ([] if "--resume" in restart_argv else ["--resume"])
+    dog = Watchdog(config_timeout, restart_argv=argv)
+    budget = measure.memory_available()
+    with open(plan.output, "a", newline="") as f:
         try:
-            old = json.loads(sidecar.read_text())
-            meta["resumed_from"] = {k: old.get(k) for k in ("date", "git_commit", "mlx_version", "counts")}
-            meta["points"] = {**old.get("points", {}), **meta["points"]}
-        except (OSError, ValueError):
-            pass
-    sidecar.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            lock = locked(f, blocking=False)
+            lock.__enter__()
+        except BlockingIOError:
+            raise ValueError(f"-o {plan.output}: another sweep is writing this file now; "
+                             "wait for it or give another -o") from None
+        bar, probe = None, {}
+        try:
+            if resume:
+                cut = drop_torn_tail(plan.output, lock=False)
+                if cut:
+                    warn(f"{plan.output}: dropped a torn last line ({cut} bytes, a killed run's unfinished row); "
+                         "it is measured again")
+                done = _read_done(plan.output)
+                if done.bad_rows:
+                    warn(f"{plan.output}: {done.bad_rows} incomplete row(s) ignored; they are measured again")
+            else:
+                f.truncate(0)
+                done = Done(set(), set(), {})
+            probe = done.probe
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+
+            def write(row: dict) -> None:
+                w.writerow({k: _fmt(v) for k, v in row.items()})
+                f.flush()
+                key = str(row["status"]).split(":")[0]
+                counts[key] = counts.get(key, 0) + 1
+
+            if plan.output.stat().st_size == 0:
+                w.writeheader()
+                f.flush()
+            atomic_write_text(sidecar, json.dumps(meta, indent=2, default=str) + "\n")
+            bar = tqdm(total=len(p.matrices) * len(plan.ms), disable=quiet, desc="sweep", unit="point",
+                       file=sys.stderr)
+            for mt in p.matrices:
+                problem = Problem(experts=p.experts, k=mt.k, n=mt.n, rows=p.experts, bits=p.bits,
+                                  group_size=p.group_size, mode=p.mode, dtype=p.dtype)
+                for m in plan.ms:
+                    bar.set_postfix_str(f"{mt.name} m={m}")
+                    base = dict(matrix=mt.name, m=m, experts=p.experts, top_k=p.top_k, k=mt.k, n=mt.n, mode=p.mode,
+                                bits=p.bits, group_size=p.group_size, dtype=p.dtype, router=router, seed=seed,
+                                backend=backend_name, device=device)
+                    if _point_key(base) in done.points:
+                        bar.update(1)
+                        continue
+                    need = measure.point_memory(problem, m, p.top_k, router, verify=verify)
+                    why = measure.fits(need, budget)
+                    if why:  # would not fit: one row for the point, before anything is allocated
+                        write(dict(base, kernel="*", config="", status=f"skipped: memory: {why}"))
+                        bar.update(1)
+                        continue
+                    try:
+                        case = measure.prepare_case(problem, m=m, top_k=p.top_k, router=router, seed=seed,
+                                                    backend=kb, skew=skew, active=active)
+                    except Exception as e:  # e.g. OOM while making weights: every kernel at this point fails
+                        write(dict(base, kernel="*", config="", status=f"failed: preparing inputs: {_short(e)}"))
+                        bar.update(1)
+                        continue
+                    base.update(tokens=case.tokens, active_experts=case.active_experts)
+                    meta["points"][f"{mt.name}/m={m}"] = case.cache_defeat
+                    checker = _Verifier(case) if verify else None
+                    for name in plan.kernels:
+                        kernel = KERNELS[name]
+                        if _key(dict(base, kernel=name, config="")) in done.keys:
+                            continue  # untuned and done, or a kernel-level row (listing its configs failed)
+                        try:
+                            configs = pick_configs(kernel, case, plan.config_globs)
+                        except Exception as e:
+                            configs = []
+                            write(dict(base, kernel=name, config="", status=f"failed: listing configs: {_short(e)}"))
+                        for config in configs:
+                            row = dict(base, kernel=name, config=config_str(config))
+                            if _key(row) in done.keys:
+                                continue
+                            what = f"{name} {row['config']} {mt.name} m={m}".replace("  ", " ")
+                            hung = dict(row, status=f"failed: ConfigTimeout: no result after {config_timeout:g} s "
+                                        "(--config-timeout)" if config_timeout else "")
+                            try:
+                                with dog.limit(what, on_hang=lambda r=hung: write(r)):
+                                    row.update(_measure_one(kernel, case, config, iters, verify=checker,
+                                                            budget=budget, point_bytes=need))
+                            except ConfigTimeout as e:  # fired outside the measurement's own try
+                                row.update(status=f"failed: {_short(e)}")
+                            if name == "ref.bandwidth" and config in _read_probes() and row["status"] == "ok":
+                                k = (mt.name, str(m))
+                                probe[k] = max(probe.get(k, 0.0), row["gbps"])
+                            roof = probe.get((mt.name, str(m))) or (max(probe.values()) if probe else None)
+                            if row.get("gbps") and roof:
+                                row["pct_roofline"] = 100.0 * row["gbps"] / roof
+                            write(row)
+                    del case, checker
+                    gc.collect()
+                    bar.update(1)
+            meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        except BaseException as e:
+            meta["interrupted"] = f"{type(e).__name__}: {e}"[:200]
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            meta["counts"] = counts
+            meta["bandwidth_probe_gbps"] = max(probe.values()) if probe else None
+            try:
+                atomic_write_text(sidecar, json.dumps(meta, indent=2, default=str) + "\n")
+            finally:
+                lock.__exit__(None, None, None)
     return counts
 
 
-def _measure_one(kernel: SweepKernel, case, config, iters) -> dict:
+def _measure_one(kernel: SweepKernel, case, config, iters, *, verify=None, budget=None, point_bytes=0) -> dict:
+    """One row's measurement: `skipped` (the kernel's own check, or memory), `wrong` (output
+    differs from the reference; not timed), `failed` (an exception, a time limit) or `ok`."""
     import mlx.core as mx
 
     from . import measure
+    from .watchdog import ConfigTimeout
 
-    if kernel.check is not None:
-        reason = kernel.check(case, config)
-        if reason:
-            return {"status": f"skipped: {reason}"[:200].replace(",", ";")}
+    try:
+        reason = kernel.check(case, config) if kernel.check is not None else None
+    except Exception as e:
+        return {"status": f"failed: checking the config: {_short(e)}"}
+    if reason:
+        return {"status": f"skipped: {reason}"[:200].replace(",", ";")}
+    try:
+        out = _out_bytes(kernel, case, config)
+        fixed = point_bytes + _fixed_bytes(kernel, case)
+        why = measure.fits(fixed + out, budget)
+        if why:
+            return {"status": f"skipped: memory: {why}"}
+        # a sample holds `batch` outputs at once: no more of them than fit
+        max_batch = None if budget is None else max(1, int((budget - fixed) // max(out, 1)))
+    except ConfigTimeout:
+        raise
+    except Exception:  # an estimate must never cost the measurement
+        max_batch = None
     try:
         fn = kernel.build(case, config)
-        t = measure.time_fn(fn, iters=iters)
+        if verify is not None:
+            bad = verify(kernel, fn)
+            if bad:
+                return {"status": f"wrong: {bad}"[:200].replace(",", ";")}
+        t = measure.time_fn(fn, iters=iters, max_batch=max_batch)
         if kernel.name == "ref.bandwidth":
             nbytes = kernel.nbytes(case, config)
         else:
@@ -633,7 +819,7 @@ def _measure_one(kernel: SweepKernel, case, config, iters) -> dict:
                     gbps=nbytes / (t.median_us * 1e-6) / 1e9,
                     tflops=(flops / (t.median_us * 1e-6) / 1e12) if flops else None,
                     iters=t.iters, batch=t.batch, copies=copies, status="ok")
-    except Exception as e:  # failures are data: record and go on
+    except Exception as e:  # failures are data: record and go on (a ConfigTimeout too)
         fn = None
         gc.collect()
         mx.clear_cache()
@@ -642,13 +828,16 @@ def _measure_one(kernel: SweepKernel, case, config, iters) -> dict:
 
 def run(args) -> int:
     from .kernels.registry import set_space_overrides
+    from .watchdog import parse_timeout
 
     set_space_overrides(args.space)
+    timeout = parse_timeout(getattr(args, "config_timeout", None))
     plan = make_plan(args)
     where = f"{plan.preset.name} ({plan.preset.format}), m={','.join(map(str, plan.ms))}"
     print(f"sweep {where} on {plan.device}; kernels: {', '.join(plan.kernels)} -> {plan.output}", file=sys.stderr)
     counts = run_sweep(plan, router=args.router, seed=args.seed, iters=args.iters, resume=args.resume,
-                       quiet=args.quiet, skew=args.skew, active=args.active)
+                       quiet=args.quiet, skew=args.skew, active=args.active, verify=not getattr(args, "no_verify", False),
+                       config_timeout=timeout, restart_argv=getattr(args, "restart_argv", None))
     print(f"done: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'nothing to do'}; "
           f"wrote {plan.output} and {plan.output.with_suffix('.json')}", file=sys.stderr)
     return 0

@@ -98,19 +98,33 @@ class Budget:
 
 class Cache:
     """Append-only JSONL of measurements. One line per verification or timing; the last line for
-    a key wins. A line cut short by a crash is ignored, so an interrupted run loses at most it."""
+    a key wins. Each line is appended whole and flushed under an exclusive flock (safeio), so
+    concurrent tunes sharing a cache interleave lines, never bytes. A line cut short by a crash,
+    or otherwise unreadable, is skipped with one warning: an interrupted run loses at most it."""
 
-    def __init__(self, path: str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike | None, warn: Callable[[str], None] | None = None):
+        from .safeio import warn as default_warn
+
         self.path = Path(path).expanduser() if path is not None else None
         self.records: dict[str, dict] = {}
+        self.bad_lines: list[int] = []  # 1-based line numbers skipped
         if self.path is not None and self.path.exists():
-            with open(self.path) as f:
-                for line in f:
+            if self.path.is_dir():
+                raise ValueError(f"--cache {self.path}: is a directory; give a .jsonl file")
+            with open(self.path, "rb") as f:
+                for i, raw in enumerate(f, 1):
                     try:
-                        rec = json.loads(line)
+                        rec = json.loads(raw)
+                        if not isinstance(rec.get("id"), str) or not isinstance(rec.get("status"), str):
+                            raise TypeError
                         self.records[rec["id"]] = rec
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        if raw.strip():
+                            self.bad_lines.append(i)
+            if self.bad_lines:
+                shown = ", ".join(map(str, self.bad_lines[:5])) + (" ..." if len(self.bad_lines) > 5 else "")
+                (warn or default_warn)(f"tune cache {self.path}: skipped {len(self.bad_lines)} unreadable "
+                                       f"line(s) (line {shown}); those measurements are taken again")
 
     @staticmethod
     def make_id(key: dict) -> str:
@@ -123,9 +137,10 @@ class Cache:
         rec = {"id": self.make_id(key), "key": key, **rec, "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.records[rec["id"]] = rec
         if self.path is not None:
+            from .safeio import append_line
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.path, json.dumps(rec))
         return rec
 
 
@@ -176,6 +191,7 @@ class BucketResult:
     measured: int = 0  # new measurements (verifications + timings) this run
     cached: int = 0  # answered from the cache
     seconds: float = 0.0
+    error: str = ""  # why the bucket has no candidates at all (its inputs could not be prepared)
 
 
 class Point:
@@ -221,12 +237,27 @@ class Search:
     step going through the cache."""
 
     def __init__(self, point: Point, cache: Cache, bench, iters: int, log: Callable[[str], None] | None = None,
-                 retry_errors: bool = False):
+                 retry_errors: bool = False, watchdog=None):
         self.point, self.cache, self.bench, self.iters, self.log = point, cache, bench, iters, log
         self.retry_errors = retry_errors
+        self.watchdog = watchdog  # watchdog.Watchdog: the per-candidate time limit (None: none)
         self.measured = 0
         self.cached = 0
         self.fns: dict[tuple, Callable] = {}
+
+    def _limit(self, cand: Candidate, key: dict, kind: str):
+        """The time limit around one verification or timing. A soft timeout raises ConfigTimeout
+        (recorded as an error like any exception); on a hard hang the watchdog writes the same
+        record to the cache before it restarts the command, which then skips the candidate."""
+        import contextlib
+
+        dog = self.watchdog
+        if dog is None or not dog.seconds:
+            return contextlib.nullcontext()
+        what = f"m={self.point.m} {cand.family} {cand.cid} ({kind})"
+        rec = {"status": "error", "error": None,
+               "message": f"ConfigTimeout: {what}: no result after {dog.seconds:g} s (--config-timeout)"}
+        return dog.limit(what, on_hang=lambda: self.cache.put(key, dict(rec)))
 
     def _key(self, cand: Candidate, kind: str, iters: int | None = None) -> dict:
         k = dict(self.point.key, family=cand.family, config=cand.cid, kind=kind,
@@ -259,7 +290,8 @@ class Search:
         self.measured += 1
         ref = self.point.reference
         try:
-            y = _to_numpy(self._fn(cand)())
+            with self._limit(cand, key, "verify"):
+                y = _to_numpy(self._fn(cand)())
             if y.size != ref.size:
                 rec = {"status": "wrong", "error": None, "message": f"output has {y.size} values, reference {ref.size}"}
             else:
@@ -284,7 +316,8 @@ class Search:
             return rec
         self.measured += 1
         try:
-            t = self.bench.time(self._fn(cand), iters)
+            with self._limit(cand, key, "time"):
+                t = self.bench.time(self._fn(cand), iters)
             wb = self.bench.weight_bytes(self.point.case)
             rec = {"status": "ok", "time_us": t[0], "time_us_p10": t[1], "time_us_p90": t[2],
                    "gbps": wb / (t[0] * 1e-6) / 1e9 if t[0] > 0 else None}
@@ -378,12 +411,19 @@ def rung_iters(iters: int, exhaustive: bool) -> list[int]:
 
 
 def tune_bucket(point: Point, kernels: Sequence, stock, *, budget: Budget, cache: Cache, bench, iters: int,
-                seed: int = 0, log=None, retry_errors: bool = False) -> BucketResult:
+                seed: int = 0, log=None, retry_errors: bool = False, watchdog=None, progress=None) -> BucketResult:
+    """`progress`: an object with start(total) / step() / note(text) (the CLI's tqdm bar)."""
     t_start = time.perf_counter()
     deadline = t_start + budget.seconds if budget.seconds is not None else None
-    s = Search(point, cache, bench, iters, log, retry_errors)
-    cands, size = candidates(point, kernels, budget, seed)
+    s = Search(point, cache, bench, iters, log, retry_errors, watchdog)
+    try:
+        cands, size = candidates(point, kernels, budget, seed)
+    except Exception as e:  # noqa: BLE001 (the inputs could not be made, e.g. too large: recorded, go on)
+        return BucketResult(point.m, None, None, [], s.measured, s.cached, time.perf_counter() - t_start,
+                            error=f"preparing inputs: {_one_line(e)}")
     exhaustive = budget.exhaustive(size)
+    if progress is not None:
+        progress.start(len(cands) + (stock is not None))
     results: dict[tuple, Result] = {}
 
     def over(frac: float = 1.0) -> bool:
@@ -396,6 +436,8 @@ def tune_bucket(point: Point, kernels: Sequence, stock, *, budget: Budget, cache
         r = s.time(sc, iters)
         stock_res = Result(stock.name, None, r["status"], time_us=r.get("time_us"), time_us_p10=r.get("time_us_p10"),
                            time_us_p90=r.get("time_us_p90"), iters=iters, gbps=r.get("gbps"), message=r.get("message", ""))
+        if progress is not None:
+            progress.step()
 
     rungs = rung_iters(iters, exhaustive)
     timed: dict[tuple, dict] = {}  # candidate -> its timing at the highest rung reached
@@ -418,11 +460,17 @@ def tune_bucket(point: Point, kernels: Sequence, stock, *, budget: Budget, cache
     for c in cands:
         if over(0.5 if len(rungs) > 1 else 1.0):
             results[(c.family, c.cid)] = Result(c.family, c.config, "skipped", message="budget")
+            if progress is not None:
+                progress.step()
             continue
         v = s.verify(c)
         results[(c.family, c.cid)] = Result(c.family, c.config, v["status"], v.get("error"), message=v.get("message", ""))
         if v["status"] == "ok" and time_one(c, rungs[0]):
             reached.append(c)
+        if progress is not None:
+            progress.step()
+    if progress is not None and len(reached) > 1:
+        progress.note("re-timing the fastest")
     # successive halving: the best 1/ETA of each rung is re-timed with more iterations
     for it in rungs[1:]:
         if len(reached) <= 1 or over():
@@ -469,8 +517,13 @@ class Bench:
         return mx.__version__
 
     def prepare(self, problem: Problem, m: int, top_k: int, router: str, seed: int, backend):
+        """The case, after asking whether it fits in memory (MemoryError if not: the bucket is
+        recorded as failed and the tune goes on)."""
         from . import measure
 
+        why = measure.fits(measure.point_memory(problem, m, top_k, router, verify=True))
+        if why:
+            raise MemoryError(f"the inputs of m={m} would not fit in memory: {why}")
         return measure.prepare_case(problem, m=m, top_k=top_k, router=router, seed=seed, backend=backend)
 
     def reference(self, case) -> np.ndarray:
@@ -652,12 +705,23 @@ def tune(
     meta: dict | None = None,
     retry_errors: bool = False,
     deadline_s: float | None = None,
+    config_timeout: float | None = None,
+    restart_argv: Sequence[str] | None = None,
+    progress=None,
 ) -> TuneReport:
     """Tune every (shape, m) and write one table per shape (to the user table dir unless
     `table_dir`). `families` are names (`qmv`, `tuned.qmm`) or SweepKernel-like objects.
-    `deadline_s`: no new m bucket starts after this many seconds (what is done is kept)."""
+    `deadline_s`: no new m bucket starts after this many seconds (what is done is kept).
+    `config_timeout`: seconds one candidate's verification or timing may take (watchdog.py);
+    `restart_argv`: the command to re-exec after a hard hang (the cache makes it resume).
+    `progress`: start(total) / step() / note(text) / bucket(text) callbacks (the CLI's bar).
+
+    After every bucket the shape's table is rewritten (atomically) with the buckets done so far
+    plus the previous table's other buckets, so a run killed between two buckets leaves a valid
+    table and loses nothing; the finished run's table holds this run's buckets only."""
     from . import tables
     from .backend import get_backend
+    from .watchdog import Watchdog
 
     b = get_backend(backend)
     bench = bench or Bench(b.name)
@@ -675,32 +739,26 @@ def tune(
         kernels = bench.kernels(families)
     if not kernels:
         raise ValueError("no kernel family to tune (none registered for this build)")
+    # a restart can only resume what the cache remembers
+    dog = Watchdog(config_timeout, restart_argv=restart_argv if cache.path is not None else None)
     stock_kernel = bench.stock() if stock else None
     report = TuneReport(router=router, seed=seed)
     t0 = time.perf_counter()
-    for shape in shapes:
-        brs = []
-        for m in ms:
-            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                report.skipped.append((shape, m))
-                if log:
-                    log(f"E={shape.E} K={shape.K} N={shape.N} m={m}: skipped (deadline {deadline_s:g} s)")
-                continue
-            point = Point(bench, shape.problem(m), m, shape.top_k, router, seed, b)
-            br = tune_bucket(point, kernels, stock_kernel, budget=budget, cache=cache, bench=bench, iters=iters,
-                             seed=seed, log=log, retry_errors=retry_errors)
-            brs.append(br)
-            report.measured += br.measured
-            report.cached += br.cached
-            if log:
-                log(_bucket_line(shape, br))
-        report.buckets[(shape.E, shape.K, shape.N)] = brs
-        report.shapes[shape] = brs
-        table = tables.Table(
+    out_dir = tables.user_dir(table_dir)
+
+    def make_table(shape, brs, previous=None):
+        buckets = [_bucket(br) for br in brs if br.best is not None]
+        extra = {}
+        if previous is not None:  # a partial table: keep the previous table's other buckets
+            done = {bk.m for bk in buckets}
+            kept = [bk for bk in previous.buckets if bk.m not in done]
+            buckets += kept
+            extra["partial"] = {"done": sorted(done), "kept_from_previous_table": sorted(bk.m for bk in kept)}
+        return tables.Table(
             backend=b.name, device=bench.device_name(), mode=shape.mode, bits=shape.bits,
             group_size=shape.group_size, dtype=shape.dtype, E=shape.E, K=shape.K, N=shape.N,
             mlx_version=bench.mlx_version(),
-            buckets=[_bucket(br) for br in brs if br.best is not None],
+            buckets=buckets,
             meta=dict(
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 package_version=_package_version(), top_k=shape.top_k, router=router, seed=seed, iters=iters,
@@ -711,15 +769,59 @@ def tune(
                 # which kernel sources the choices were measured with (a later edit may change them)
                 kernel_sources={k.name: bench.kernel_version(k) for k in kernels},
                 commit=_commit(),
+                **extra,
                 **(meta or {}),
             ),
         )
+
+    n_buckets, i_bucket = len(shapes) * len(ms), 0
+    for shape in shapes:
+        brs = []
+        previous = _previous_table(tables, out_dir, make_table(shape, [])) if write else None
+        for m in ms:
+            i_bucket += 1
+            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                report.skipped.append((shape, m))
+                if log:
+                    log(f"E={shape.E} K={shape.K} N={shape.N} m={m}: skipped (deadline {deadline_s:g} s)")
+                continue
+            if progress is not None:
+                progress.bucket(f"tune {i_bucket}/{n_buckets} N={shape.N} m={m}")
+            point = Point(bench, shape.problem(m), m, shape.top_k, router, seed, b)
+            br = tune_bucket(point, kernels, stock_kernel, budget=budget, cache=cache, bench=bench, iters=iters,
+                             seed=seed, log=log, retry_errors=retry_errors, watchdog=dog, progress=progress)
+            brs.append(br)
+            report.measured += br.measured
+            report.cached += br.cached
+            if log:
+                log(_bucket_line(shape, br))
+            if write and br.best is not None and m != ms[-1]:
+                tables.write_table(make_table(shape, brs, previous or _EMPTY), out_dir)
+        report.buckets[(shape.E, shape.K, shape.N)] = brs
+        report.shapes[shape] = brs
+        table = make_table(shape, brs)
         report.tables.append(table)
         if write and table.buckets:
-            report.paths.append(tables.write_table(table, tables.user_dir(table_dir)))
+            report.paths.append(tables.write_table(table, out_dir))
             _forget_choices()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _Empty:
+    buckets: list = []
+
+
+_EMPTY = _Empty()
+
+
+def _previous_table(tables, directory: Path, like):
+    """The table already written for `like`'s key in `directory` (None: none, or unreadable)."""
+    path = Path(directory) / like.filename
+    try:
+        return tables.read_table(path) if path.is_file() else None
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
 
 
 def _forget_choices() -> None:
@@ -775,6 +877,8 @@ def _package_version() -> str:
 def _bucket_line(shape: Shape, br: BucketResult) -> str:
     c = _counts(br)
     counts = " ".join(f"{k}={v}" for k, v in sorted(c.items()))
+    if br.error:
+        return f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: failed: {br.error}"
     if br.best is None:
         return f"E={shape.E} K={shape.K} N={shape.N} m={br.m}: no valid candidate ({counts})"
     stock = f"{br.stock.gbps:.4g}" if br.stock is not None and br.stock.gbps else "-"
@@ -806,7 +910,7 @@ def _measure_choice(point: Point, kernel, config, cache: Cache, bench, iters: in
 
 def recheck(report: "TuneReport | Sequence", shapes: Sequence[Shape] | None = None, *, backend=None,
             bench: Bench | None = None, kernels: Sequence | None = None, iters: int = 30, router: str = "balanced",
-            seed: int = 1, rounds: int = 1 + FINAL_ROUNDS, log=None) -> list[dict]:
+            seed: int = 1, rounds: int = 1 + FINAL_ROUNDS, log=None, label: str = "recheck") -> list[dict]:
     """Re-measure every table's chosen configs from scratch (fresh inputs: another seed, no
     cache) and compare with the GB/s the table recorded. `ratio` = rerun / recorded, the rerun
     being the median of `rounds` interleaved timings (as the tables' finalists are).
@@ -839,13 +943,33 @@ def recheck(report: "TuneReport | Sequence", shapes: Sequence[Shape] | None = No
         for bk, point, kernel, r, times in done:
             gbps = bench.weight_bytes(point.case) / (float(np.median(times)) * 1e-6) / 1e9 if times else None
             ratio = gbps / bk.gbps if gbps and bk.gbps else None
-            rows.append(dict(E=t.E, K=t.K, N=t.N, m=bk.m, family=bk.family, config=r.config_id,
-                             recorded_gbps=bk.gbps, rerun_gbps=_r(gbps), ratio=_r(ratio, 4), status=r.status,
-                             rounds=len(times), within_10pct=ratio is not None and abs(ratio - 1) <= 0.10))
+            row = dict(E=t.E, K=t.K, N=t.N, m=bk.m, family=bk.family, config=r.config_id,
+                       recorded_gbps=bk.gbps, rerun_gbps=_r(gbps), ratio=_r(ratio, 4), status=r.status,
+                       rounds=len(times), within_10pct=ratio is not None and abs(ratio - 1) <= 0.10)
+            rows.append(row)
             if log:
-                log(f"recheck E={t.E} K={t.K} N={t.N} m={bk.m} {bk.family} {r.config_id}: recorded "
-                    f"{bk.gbps} GB/s, rerun {_r(gbps)} GB/s (median of {len(times)}; {r.status})")
+                log(check_line(row, label, r.message))
     return rows
+
+
+def check_line(row: dict, label: str = "check", message: str = "") -> str:
+    """One bucket of a check or recheck; its verdict is the one the summary counts."""
+    head = f"{label} E={row['E']} K={row['K']} N={row['N']} m={row['m']} {row['family']} {row['config']}: "
+    if row["status"] != "ok" or row["rerun_gbps"] is None:
+        why = f": {message}" if message else ""
+        return head + f"not measured ({row['status']}{why})"
+    verdict = "within 10%" if row["within_10pct"] else "OUTSIDE 10%"
+    ratio = f"ratio {row['ratio']:.3g}" if row["ratio"] is not None else "no recorded GB/s"
+    return (head + f"{verdict} (rerun {row['rerun_gbps']:.4g} GB/s vs recorded {row['recorded_gbps']} GB/s, {ratio}, "
+            f"median of {row['rounds']})")
+
+
+def check_summary(rows: list[dict], label: str = "check") -> str:
+    ok = sum(r["within_10pct"] for r in rows)
+    unmeasured = sum(r["status"] != "ok" or r["rerun_gbps"] is None for r in rows)
+    rest = len(rows) - ok - unmeasured
+    return (f"{label}: {ok}/{len(rows)} buckets within 10% of their recorded GB/s"
+            f" ({rest} outside, {unmeasured} not measured)")
 
 
 def table_shape(t) -> Shape:
@@ -871,7 +995,7 @@ def check_tables(table_dir=None, *, backend=None, bench: Bench | None = None, it
                 mine.append(t)
     if not mine:
         raise ValueError(f"no tuning table for backend {b.name} on {dev} in {', '.join(map(str, dirs))}")
-    return recheck(mine, backend=b, bench=bench, iters=iters, seed=seed, log=log)
+    return recheck(mine, backend=b, bench=bench, iters=iters, seed=seed, log=log, label="check")
 
 
 def heuristic_gap(report: TuneReport, shapes: Sequence[Shape], *, backend=None, bench: Bench | None = None,
@@ -919,8 +1043,14 @@ def _cid(config) -> str:
 # --- command line ---------------------------------------------------------------------------
 
 
+INTERRUPT_HINT = ("every measurement so far is in the cache and the tables hold the finished buckets: "
+                  "rerun the same command to continue")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .backend import add_backend_argument
     from .kernels.registry import add_space_argument
+    from .watchdog import DEFAULT_TIMEOUT_S
 
     p.add_argument("--preset", help="sweep preset(s), comma-separated (sweeps/NAME.toml): their shapes and format "
                    "(default: tiny on the CPU, gemma-26b-a4b on a GPU)")
@@ -934,7 +1064,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"per m bucket: N configs or Ns seconds (default: exhaustive up to {DEFAULT_CONFIG_BUDGET} configs)")
     p.add_argument("--families", default=None, help="comma-separated kernel families (default: all gather_qmm families)")
     add_space_argument(p)
-    p.add_argument("--backend", default=None, help="metal, cuda, emulator-metal or emulator-cuda (default: the GPU, else emulator)")
+    add_backend_argument(p, "where the kernels are tuned")
+    p.add_argument("--config-timeout", default=None, metavar="SECONDS",
+                   help=f"time limit of one candidate's verification or timing; past it the candidate is recorded "
+                   f"as an error and the tune goes on (default {DEFAULT_TIMEOUT_S:g}; 0 = none)")
     p.add_argument("--table", default=None, help="directory the tables are written to (default: $MLX_MOE_TUNE_TABLES or ~/.cache/mlx-moe-tune/tables)")
     p.add_argument("--cache", default=None, help="measurement cache, JSONL (default: ~/.cache/mlx-moe-tune/tune-cache.jsonl)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again and record nothing")
@@ -955,7 +1088,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "history slows later measurements (H100: -8..-12%%, sweeps/results/h100/repro/alloc-history.csv)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # E,K,N: the child of an isolated --check
     p.add_argument("-o", "--out", default=None, help="directory for tune.csv (every candidate), tune-recheck.json, tune-gap.json")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no per-bucket lines")
+
+
+class _Progress:
+    """The tune's tqdm bar on stderr: one bar per m bucket over its candidates (verification and
+    first timing each), with the bucket's place in the whole tune in its description."""
+
+    def __init__(self, quiet: bool):
+        from tqdm import tqdm
+
+        self._tqdm, self.quiet, self.bar = tqdm, quiet, None
+
+    def bucket(self, desc: str) -> None:
+        self.close()
+        self.bar = self._tqdm(total=0, desc=desc, unit="cand", disable=self.quiet, file=sys.stderr, leave=False)
+
+    def start(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.reset(total=total)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def write(self, line: str) -> None:
+        """A log line printed above the bar (stdout), so the bar is not torn."""
+        if self.bar is not None and not self.quiet:
+            self._tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _write_json(path: Path, rows) -> None:
+    from .safeio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows, indent=1))
 
 
 def shapes_from_args(args) -> list[Shape]:
@@ -988,12 +1166,22 @@ def shapes_from_args(args) -> list[Shape]:
 
 def run(args) -> int:
     from . import sweep
-    from .backend import get_backend
+    from .backend import resolve
     from .kernels.registry import set_space_overrides
+    from .watchdog import parse_timeout
 
     set_space_overrides(args.space)
-
-    b = get_backend(args.backend)
+    b = resolve(args.backend, set_device=True)
+    timeout = parse_timeout(getattr(args, "config_timeout", None))
+    if args.iters is not None and args.iters < 1:
+        raise ValueError(f"--iters must be >= 1 (got {args.iters})")
+    if args.deadline is not None and not args.deadline > 0:
+        raise ValueError(f"--deadline must be seconds > 0 (got {args.deadline:g})")
+    for flag, val in (("--table", args.table), ("-o", args.out)):
+        if val is not None and Path(val).expanduser().exists() and not Path(val).expanduser().is_dir():
+            raise ValueError(f"{flag} {val}: is a file; expected a directory")
+    if args.cache is not None and Path(args.cache).expanduser().is_dir():
+        raise ValueError(f"--cache {args.cache}: is a directory; expected a .jsonl file")
     if args.check:
         return _check_command(args, b)
     shapes = shapes_from_args(args)
@@ -1004,11 +1192,10 @@ def run(args) -> int:
             if bad:
                 raise ValueError(f"--m {bad}: balanced routing needs m*E divisible by top_k (E={sh.E}, top_k={sh.top_k})")
     iters = args.iters or (3 if b.emulated else 30)
-    if iters < 1:
-        raise ValueError(f"--iters must be >= 1 (got {iters})")
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     cache_path = None if args.no_cache else Path(args.cache or default_cache_path()).expanduser()
-    log = None if args.quiet else (lambda s: print(s, flush=True))
+    progress = _Progress(args.quiet)
+    log = None if args.quiet else progress.write
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1016,12 +1203,20 @@ def run(args) -> int:
     if _isolated(args, b, len(shapes)) and cache_path is not None:
         _tune_children(args, shapes, cache_path, log)  # fills the cache; the pass below reads it
     cache = Cache(cache_path)  # read after the children wrote to it
-    rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
-               seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log, retry_errors=args.retry_errors,
-               deadline_s=args.deadline)
+    try:
+        rep = tune(shapes, ms, families=families, backend=b, budget=args.budget, iters=iters, router=args.router,
+                   seed=args.seed, table_dir=args.table, cache=cache, bench=bench, log=log,
+                   retry_errors=args.retry_errors, deadline_s=args.deadline, config_timeout=timeout,
+                   restart_argv=getattr(args, "restart_argv", None), progress=progress)
+    finally:
+        progress.close()
     for p in rep.paths:
         print(f"wrote {p}")
-    print(f"{rep.measured} measurements, {rep.cached} from the cache, {rep.seconds:.1f} s")
+    brs = [br for v in rep.shapes.values() for br in v]
+    chosen = sum(br.best is not None for br in brs)
+    skipped = f", {len(rep.skipped)} not started (deadline)" if rep.skipped else ""
+    print(f"{rep.measured} measurements, {rep.cached} from the cache, {rep.seconds:.1f} s; "
+          f"{chosen}/{len(brs) + len(rep.skipped)} buckets chosen{skipped}")
     if out is not None:
         _write_csv(out / "tune.csv", rep.rows(), extra=dict(backend=b.name, device=bench.device_name()))
     failed = False
@@ -1031,10 +1226,10 @@ def run(args) -> int:
             rows = recheck(rep, shapes, backend=b, bench=bench, iters=iters, router=args.router, seed=args.seed + 1,
                            log=log)
             ok = sum(r["within_10pct"] for r in rows)
-            print(f"recheck: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
+            print(check_summary(rows, "recheck"))
             failed |= ok < len(rows)
             if out is not None:
-                (out / "tune-recheck.json").write_text(json.dumps(rows, indent=1))
+                _write_json(out / "tune-recheck.json", rows)
         except Exception as e:  # noqa: BLE001 (reported, exit code 1)
             print(f"recheck failed: {_one_line(e)}", file=sys.stderr)
             failed = True
@@ -1047,7 +1242,7 @@ def run(args) -> int:
                 if gaps:
                     print(f"{name} gap on held-back shapes: mean {np.mean(gaps):.1%}, worst {max(gaps):.1%}")
             if out is not None:
-                (out / "tune-gap.json").write_text(json.dumps(rows, indent=1))
+                _write_json(out / "tune-gap.json", rows)
         except Exception as e:  # noqa: BLE001
             print(f"heuristic gap failed: {_one_line(e)}", file=sys.stderr)
             failed = True
@@ -1085,7 +1280,7 @@ def _tune_children(args, shapes: Sequence[Shape], cache_path, log) -> None:
                     "--group-size", str(sh.group_size), "--dtype", sh.dtype, "--m", args.m, "--cache", str(cache_path),
                     "--router", args.router, "--seed", str(args.seed), "--table", scratch, "-q"]
             for flag, val in (("--backend", args.backend), ("--families", args.families), ("--budget", args.budget),
-                              ("--iters", args.iters)):
+                              ("--iters", args.iters), ("--config-timeout", getattr(args, "config_timeout", None))):
                 if val is not None:
                     argv += [flag, str(val)]
             if args.retry_errors:
@@ -1105,6 +1300,8 @@ def _check_command(args, b) -> int:
     log = None if args.quiet else (lambda s: print(s, flush=True))
     only = tuple(int(v) for v in args.only.split(",")) if args.only else None
     rows = None
+    if args.out is not None:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     if only is None:
         from . import tables as tb
 
@@ -1127,18 +1324,19 @@ def _check_command(args, b) -> int:
     if rows is None:
         rows = check_tables(args.table, backend=b, iters=iters, seed=args.seed + 1, log=log, only=only)
     ok = sum(r["within_10pct"] for r in rows)
-    print(f"check: {ok}/{len(rows)} buckets within 10% of their recorded GB/s")
+    print(check_summary(rows, "check"))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "tune-check.json").write_text(json.dumps(rows, indent=1))
+        _write_json(Path(args.out) / "tune-check.json", rows)
     return 0 if ok == len(rows) else 1
 
 
 def _write_csv(path: Path, rows: list[dict], extra: dict) -> None:
     import pandas as pd
 
+    from .safeio import atomic_write
+
     df = pd.DataFrame([{**r, **extra} for r in rows])
-    df.to_csv(path, index=False)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 class _CallableModule(types.ModuleType):
