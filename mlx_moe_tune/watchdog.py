@@ -82,7 +82,8 @@ class Watchdog:
                     raise ConfigTimeout(msg)
 
             old_handler = signal.signal(signal.SIGALRM, on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            old_left = signal.setitimer(signal.ITIMER_REAL, seconds)[0]  # someone else's alarm (kept)
+            t_armed = time.monotonic()
 
         def hard():
             with self._lock:
@@ -105,6 +106,8 @@ class Watchdog:
             if soft:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
+                if old_left > 0:  # give the previous owner of SIGALRM its alarm back
+                    signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - t_armed), 1e-3))
             if hung and self.restart_argv is not None:
                 while True:  # the watchdog thread is replacing this process
                     time.sleep(1)
