@@ -149,12 +149,11 @@ class Variants:
     """The stock and patched modules of one model (same arrays), swapped in place by `use`."""
 
     def __init__(self, model, **patch_kw):
-        from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
-
         from .patch import patch_model, patched_layers
 
         self.model = model
-        before = {p: m for p, m in model.named_modules() if isinstance(m, (SwitchGLU, QuantizedSwitchLinear))}
+        # every module: patch_model also replaces the MoE blocks around the SwitchGLUs
+        before = dict(model.named_modules())
         self.projections = patch_model(model, **patch_kw)
         after = dict(model.named_modules())
         changed = [p for p, m in before.items() if after.get(p) is not m]

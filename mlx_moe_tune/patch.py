@@ -6,7 +6,10 @@
   of the kernels (the expert-major kernels read and write rows in token order), and with the
   default SwiGLU activation runs gate+up as one fused kernel;
 - every other `QuantizedSwitchLinear` (e.g. inside `SwitchMLP`) -> `TunedSwitchLinear`, same call
-  signature `(x, indices, sorted_indices=False)`.
+  signature `(x, indices, sorted_indices=False)`;
+- the MoE block that holds a `TunedSwitchGLU` (e.g. qwen3_moe's `Qwen3MoeSparseMoeBlock`: router
+  linear, softmax, top-k, experts, weighted sum) -> a subclass whose decode-sized calls replay one
+  `mx.compile`d graph of the whole block (see `CompiledMoEBlock`).
 Replacements subclass the mlx-lm classes and hold the very same arrays under the same names
 (`weight`, `scales`, `biases`, `bias`, `global_scale`), so `load_weights`, `save_weights` and
 `isinstance` checks behave as before. Formats our kernels do not cover (e.g. mxfp4, 3-bit, a
@@ -148,7 +151,7 @@ class TunedSwitchGLU(SwitchGLU):
         g, u, d = self["gate_proj"], self["up_proj"], self["down_proj"]
         if not all(isinstance(p, TunedSwitchLinear) and p.tuned for p in (g, u, d)):
             return super().__call__(x, indices)  # some projection stays stock: mlx-lm's path
-        if indices.size < COMPILE_MAX_PAIRS and getattr(self, "_mmt_compile", False):
+        if _tokens(indices) <= COMPILE_MAX_TOKENS and getattr(self, "_mmt_compile", False):
             # Decode (patch_model(compile=True), the default): the host time to build this layer's graph
             # outweighs the kernel time saved (H200: 55 us vs stock's 24 us per layer), and a
             # compiled function replays it instead. inputs=self.state: the weights are read live.
@@ -192,7 +195,74 @@ def _traceable(backend) -> bool:
     return not get_backend(backend).emulated
 
 
-COMPILE_MAX_PAIRS = 64  # mlx-lm's own sort threshold: below it a SwitchGLU call is decode-sized
+# Calls of at most this many tokens are decode steps (batch_generate decodes one token per
+# sequence): their graph is replayed by mx.compile. Prefill chunks are larger, and there the
+# kernels' time, not the host's, dominates; each new shape costs one trace.
+COMPILE_MAX_TOKENS = 128
+
+
+def _tokens(a: mx.array) -> int:
+    """Tokens in a router-indices (..., k) or hidden-state (..., D) array."""
+    return a.size // max(1, a.shape[-1]) if a.ndim else 1
+
+
+class CompiledMoEBlock:
+    """Mixin for an mlx-lm MoE block (the module whose `switch_mlp` is a `TunedSwitchGLU`).
+
+    A stock decode step builds the block's graph op by op on the host: the router's linear,
+    softmax, top-k and renormalisation, the experts, and the weighted sum, each a launch.
+    Replaying one `mx.compile`d graph of the whole block costs the host a lookup and lets MLX
+    fuse the element-wise ops into fewer kernels. Only for decode-sized calls (see
+    COMPILE_MAX_TOKENS) with a single array argument and no sharding group; anything else, or a
+    block whose code cannot be traced, runs the stock `__call__`.
+    """
+
+    _mmt_stock_class: type
+
+    def __call__(self, x, *args, **kwargs):
+        if (args or kwargs or not getattr(self, "_mmt_compile", False) or not isinstance(x, mx.array)
+                or _tokens(x) > COMPILE_MAX_TOKENS or getattr(self, "sharding_group", None) is not None):
+            return super().__call__(x, *args, **kwargs)
+        try:
+            fn = self.__dict__.get("_mmt_compiled")
+            if fn is None:
+                fn = self._mmt_compiled = mx.compile(super().__call__, inputs=self.state)
+            return fn(x)
+        except Exception as e:  # noqa: BLE001 - code mx.compile cannot trace: the stock path
+            self._mmt_compile, self._mmt_compile_error = False, f"{type(e).__name__}: {e}"
+            return super().__call__(x)
+
+
+_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def _compiled_block_class(cls: type) -> type:
+    """`Compiled<cls>`: cls with CompiledMoEBlock's __call__ (one class per stock class)."""
+    if cls not in _BLOCK_CLASSES:
+        _BLOCK_CLASSES[cls] = type(f"Compiled{cls.__name__}", (CompiledMoEBlock, cls),
+                                   {"_mmt_stock_class": cls, "__module__": __name__})
+    return _BLOCK_CLASSES[cls]
+
+
+def _wrap_blocks(model: nn.Module, swaps: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """`swaps` with each TunedSwitchGLU moved into a Compiled<block> copy of its parent block.
+    The stock block is left as it was (still holding the stock SwitchGLU), so a caller that kept
+    it (bench-model's stock variant) still has mlx-lm's modules."""
+    mods = dict(model.named_modules())
+    out, parents = [], {}
+    for path, new in swaps:
+        parent_path, _, name = path.rpartition(".")
+        parent = mods.get(parent_path) if parent_path else None
+        if (type(new) is not TunedSwitchGLU or parent is None or isinstance(parent, (CompiledMoEBlock, SwitchGLU))
+                or not isinstance(parent.get(name), SwitchGLU)):
+            out.append((path, new))
+            continue
+        if parent_path not in parents:
+            block = _rebuild(_compiled_block_class(type(parent)), parent)
+            block._mmt_compile = True
+            parents[parent_path] = block
+        dict.__setitem__(parents[parent_path], name, new)
+    return out + list(parents.items())
 
 
 def _named(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
@@ -206,8 +276,10 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
     backend: a `mlx_moe_tune.backend` name or Backend (default: the GPU, else the emulator).
     table: a tuning-table directory searched before ops' own lookup (user dir, shipped tables).
     fuse: run gate+up as one fused kernel where the activation is SwiGLU.
-    compile: replay decode-sized SwitchGLU calls (< COMPILE_MAX_PAIRS pairs) through mx.compile,
-    which removes the per-call host cost of building the graph (on by default). On the H200 it
+    compile: replay decode-sized calls (<= COMPILE_MAX_TOKENS tokens) of each SwitchGLU, and of
+    the MoE block around it, through mx.compile, which removes the per-call host cost of
+    building the graph and fuses the router's and the weighted sum's element-wise ops (on by
+    default). On the H200 it
     passes the same GPU tests as the uncompiled path (tests/test_patch.py: one SwitchGLU with
     fixed expert ids, and a model's step-by-step KV-cache decode, against stock on the CPU
     stream). An earlier failure of that model test came from MLX's own CUDA quantized_matmul in
@@ -233,6 +305,8 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
     for path, m in _named(model, QuantizedSwitchLinear):
         if path.rsplit(".", 1)[0] not in inside:
             swaps.append((path, TunedSwitchLinear.from_module(m, backend, table)))
+    if compile and _traceable(backend):
+        swaps = _wrap_blocks(model, swaps)
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return sum(1 for _, m in model.named_modules() if isinstance(m, TunedSwitchLinear) and m.tuned)
@@ -240,6 +314,10 @@ def patch_model(model: nn.Module, backend=None, table=None, *, fuse: bool = True
 
 def unpatch(model: nn.Module) -> int:
     """Restore mlx-lm's classes (same arrays). Returns how many modules were restored."""
+    blocks = [(p, _rebuild(m._mmt_stock_class, m)) for p, m in model.named_modules()
+              if isinstance(m, CompiledMoEBlock)]
+    if blocks:  # first, so that the paths below find the stock blocks
+        model.update_modules(tree_unflatten(blocks))
     swaps = [(p, _rebuild(SwitchGLU, m)) for p, m in _named(model, TunedSwitchGLU)]
     for p, m in swaps:  # its projections too
         for n in ("gate_proj", "up_proj", "down_proj"):
@@ -250,7 +328,7 @@ def unpatch(model: nn.Module) -> int:
               if p.rsplit(".", 1)[0] not in glu]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-    return len(swaps)
+    return len(swaps) + len(blocks)
 
 
 def patched_layers(model: nn.Module) -> dict[str, str | None]:

@@ -366,3 +366,44 @@ def test_compiled_decode_follows_live_weights(monkeypatch):
     patched_new = _logits(model, 1)
     patch.unpatch(model)
     _assert_close(patched_new, _logits(model, 1), tol=0.05)
+
+
+def test_compiled_moe_block(monkeypatch):
+    """With compile on, the MoE block around a TunedSwitchGLU (router, experts, weighted sum)
+    replays one compiled graph for decode-sized calls, runs mlx-lm's code for larger ones, and
+    gives stock's logits either way; unpatch and bench-model's stock variant get mlx-lm's
+    modules back, untouched."""
+    from mlx_lm.models.qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from mlx_moe_tune.bench_model import Variants
+
+    ops_ = _TraceableOps()
+    monkeypatch.setattr(patch, "_ops", lambda: ops_)
+    monkeypatch.setattr(patch, "_traceable", lambda backend: True)
+    model = _model("qwen3_moe", layers=2)
+    big = patch.COMPILE_MAX_TOKENS + 8
+    ref = {L: _logits(model, L) for L in (1, 4, big)}
+    stock_blocks = [layer.mlp for layer in model.layers]
+    variants = Variants(model, fuse=False)
+    blocks = [layer.mlp for layer in model.layers]
+    assert all(type(b).__name__ == "CompiledQwen3MoeSparseMoeBlock" and isinstance(b, Qwen3MoeSparseMoeBlock)
+               for b in blocks)
+    assert all(type(b.switch_mlp) is patch.TunedSwitchGLU for b in blocks)
+    assert all(type(b.switch_mlp) is SwitchGLU for b in stock_blocks)  # the stock blocks are untouched
+    for L in (1, 4):
+        _assert_close(_logits(model, L), ref[L], tol=1e-5)
+    assert all("_mmt_compiled" in b.__dict__ for b in blocks), [getattr(b, "_mmt_compile_error", None) for b in blocks]
+    traced = len(ops_.calls)
+    _logits(model, 4)
+    assert len(ops_.calls) == traced  # replayed: the op is not called from Python again
+    _assert_close(_logits(model, big), ref[big], tol=1e-5)
+    assert len(ops_.calls) > traced  # a prefill-sized call ran eagerly
+    variants.use("stock")
+    assert [layer.mlp for layer in model.layers] == stock_blocks
+    np.testing.assert_array_equal(_logits(model, 4), ref[4])
+    variants.use("patched")
+    assert patch.unpatch(model) == 4  # 2 blocks + 2 SwitchGLUs (their projections inside)
+    kinds = {type(m) for _, m in model.named_modules()}
+    assert Qwen3MoeSparseMoeBlock in kinds and not any(issubclass(k, patch.CompiledMoEBlock) for k in kinds)
+    assert patch.TunedSwitchGLU not in kinds
+    np.testing.assert_array_equal(_logits(model, 4), ref[4])
