@@ -33,7 +33,8 @@ VARIANTS = ("stock", "patched")
 METRICS = ("prompt_tps", "generation_tps", "peak_memory_gb")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and patch flags, shared with profile-step."""
     src = p.add_argument_group("model (one of)")
     src.add_argument("--model", help="local mlx-lm model directory (or a Hugging Face repo: mlx_lm.load downloads it)")
     src.add_argument("--arch", help="a real architecture's shapes with random weights, quantized in memory: "
@@ -45,6 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--group-size", type=int, help="default 64")
     q.add_argument("--mode", help="default affine")
     q.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16")
+    pt = p.add_argument_group("the patch")
+    pt.add_argument("--backend", default=None, help="patch_model backend (default: the GPU, else the emulator)")
+    pt.add_argument("--table", default=None, help="tuning-table directory searched first")
+    pt.add_argument("--no-fuse", action="store_true", help="separate gate and up kernels")
+    pt.add_argument("--no-compile", action="store_true", help="patch_model(compile=False)")
+    p.add_argument("--seed", type=int, default=0, help="weights and prompt tokens")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     r = p.add_argument_group("what is timed")
     r.add_argument("-p", "--prompt-tokens", default="512", help="prompt lengths, comma-separated (default 512)")
     r.add_argument("-g", "--gen-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
@@ -56,15 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--prefill-step-size", type=int, default=2048, help="mlx-lm's prompt chunk (default 2048)")
     r.add_argument("--prefill-batch-size", type=int, default=8,
                    help="sequences BatchGenerator prefills together (mlx-lm's default 8)")
-    r.add_argument("--seed", type=int, default=0, help="weights and prompt tokens")
     r.add_argument("--deadline", type=float, default=None,
                    help="seconds since start after which no new warm-up or trial starts; the rest is "
                         "recorded as skipped")
-    pt = p.add_argument_group("the patch")
-    pt.add_argument("--backend", default=None, help="patch_model backend (default: the GPU, else the emulator)")
-    pt.add_argument("--table", default=None, help="tuning-table directory searched first")
-    pt.add_argument("--no-fuse", action="store_true", help="separate gate and up kernels")
-    pt.add_argument("--no-compile", action="store_true", help="patch_model(compile=False)")
     o = p.add_argument_group("output")
     o.add_argument("--json", help="write every trial, the environment and the summary here (after every round)")
     o.add_argument("--plot", help="PNG: tokens/s vs batch size, stock and patched")
@@ -83,7 +88,8 @@ def _int_list(flag: str, text: str) -> list[int]:
     return list(dict.fromkeys(vals))
 
 
-def _check(args) -> None:
+def check_model_args(args) -> None:
+    """One-line errors for the flags of add_model_arguments."""
     if bool(args.model) == bool(args.arch):
         raise ValueError("give one of --model DIR or --arch NAME --random")
     if args.arch and not args.random:
@@ -97,6 +103,12 @@ def _check(args) -> None:
             raise ValueError(f"{given[0]}: applies to --arch models only (a --model directory has its own)")
         if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().is_dir():
             raise ValueError(f"--model {args.model}: no such directory")
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers {args.layers}: must be >= 1")
+
+
+def _check(args) -> None:
+    check_model_args(args)
     for flag, v, low in (("--gen-tokens", args.gen_tokens, 2), ("--trials", args.trials, 1),
                          ("--prefill-step-size", args.prefill_step_size, 1),
                          ("--prefill-batch-size", args.prefill_batch_size, 1),
@@ -124,7 +136,7 @@ def cells(prompt_tokens: list[int], batch_sizes: list[int], batch_prompt_tokens:
 
 # --- the model and its two variants --------------------------------------------------------------
 
-def _load(args) -> tuple:
+def load_model(args) -> tuple:
     """(model, vocab size, description for the JSON)."""
     if args.model:
         from mlx_lm import load
@@ -385,7 +397,7 @@ def bench(args, say=print) -> dict:
         from .random_model import arch_config
 
         arch_config(args.arch, args.layers or 4)
-    model, vocab, desc = _load(args)
+    model, vocab, desc = load_model(args)
     variants = Variants(model, backend=args.backend, table=args.table, fuse=not args.no_fuse,
                         compile=not args.no_compile)
     doc = {

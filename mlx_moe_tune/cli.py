@@ -17,6 +17,7 @@ COMMANDS = {
     "metal-check": ("mlx_moe_tune.metal_check", "parse every Metal kernel with clang as Metal's front end would (no Mac needed)"),
     "doctor": ("mlx_moe_tune.doctor", "selftest, a short sweep and a budgeted tune into one folder to share"),
     "bench-model": ("mlx_moe_tune.bench_model", "tokens/s of an mlx-lm MoE model, stock vs patched, via mlx-lm's generation paths"),
+    "profile-step": ("mlx_moe_tune.step_profile", "where a decode step's time goes (host, device, MoE, kernels), stock vs patched"),
     "generate": ("mlx_moe_tune.generate", "mlx_lm.generate with the model patched (same flags, plus --no-patch)"),
 }
 

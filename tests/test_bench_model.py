@@ -163,3 +163,29 @@ def test_agreement():
 def test_cells_batch_prompt_tokens():
     assert bench_model.cells([512, 2048], [1, 8], None) == [(512, 1), (512, 8), (2048, 1), (2048, 8)]
     assert bench_model.cells([512, 2048], [1, 8, 64], 128) == [(512, 1), (128, 8), (128, 64), (2048, 1)]
+
+
+def test_profile_step_on_the_emulator(tmp_path, capsys):
+    """profile-step measures both variants and the model without its MoE blocks, and finds a
+    qwen3_moe model's MoE block by its SwitchGLU."""
+    from mlx_moe_tune import step_profile
+
+    out = tmp_path / "step.json"
+    assert main(["profile-step", "--arch", "tiny", "--random", "--layers", "1", "-b", "2", "-n", "2",
+                 "--trials", "1", "--context", "8", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["moe_blocks"] == 1
+    (row,) = doc["results"]
+    for v in ("stock", "patched", "no_moe"):
+        assert row[v]["step_ms"] > 0 and row[v]["sync_ms"] >= row[v]["build_ms"] > 0
+    assert row["moe_ms"]["stock"] == pytest.approx(row["stock"]["step_ms"] - row["no_moe"]["step_ms"])
+    assert "batch   2: step stock" in capsys.readouterr().out
+    model = random_model.build_model(random_model.arch_config("tiny", 1))
+    paths = step_profile._moe_paths(model)
+    assert paths == ["model.layers.0.mlp"]
+
+
+def test_profile_step_bad_arguments(capsys):
+    assert main(["profile-step", "--arch", "tiny", "--random", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 0: must be >= 1" in err and len(err.strip().splitlines()) == 1

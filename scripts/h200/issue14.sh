@@ -9,6 +9,8 @@ set -u
 R=${R:-/tmp/issue14}; mkdir -p "$R"; export PYTHONUNBUFFERED=1
 MMT="python3 -m mlx_moe_tune.cli"
 N=${N:-8}; G=${G:-64}
+# MLX's NVRTC output from an earlier call (the ptx-cache step): skips minutes of compiles
+[ -f .dev/ptx-cache.tgz ] && tar -C / -xzf .dev/ptx-cache.tgz && echo "PTX cache: $(ls /tmp/mlx/*/ptx | wc -l) entries"
 bench() {  # arch tag
   timeout ${T_BENCH:-280} $MMT bench-model --arch "$1" --random --layers 16 -p 512,2048 -b 1,8,32,64 \
     --batch-prompt-tokens 128 -g "$G" -n "$N" --deadline $(( ${T_BENCH:-280} - 40 )) \
@@ -35,6 +37,13 @@ PY
       ;;
     bench-qwen) bench qwen3_moe qwen3 ;;
     bench-gemma) bench gemma-26b-a4b gemma ;;
+    profile-qwen)
+      timeout ${T_PROFILE:-150} $MMT profile-step --arch qwen3_moe --random --layers 16 -b 1,8,64 -n 32 --trials 3 \
+        --json "$R/profile-step-qwen3.json" > "$R/profile-step-qwen3.log" 2>&1; tail -n 12 "$R/profile-step-qwen3.log" | cut -c1-400 ;;
+    gpu-tests-patch)
+      timeout ${T_TESTS:-150} python3 -m pytest -m gpu tests/test_patch.py tests/test_bad_ids.py tests/test_ops.py -p no:cacheprovider \
+        --timeout 140 -q > "$R/gpu-tests-patch.log" 2>&1; tail -n 8 "$R/gpu-tests-patch.log" | cut -c1-300 ;;
+    ptx-cache) tar -C / -czf "$OUT/ptx-cache.tgz" tmp/mlx && ls -la "$OUT/ptx-cache.tgz" ;;
     peers) timeout ${T_PEERS:-150} python3 .dev/peers/h200_peers.py > "$R/peers.csv" 2> "$R/peers.log"; tail -n 3 "$R/peers.log" ;;
     gpu-tests)
       timeout ${T_TESTS:-240} python3 -m pytest -m gpu tests/ -p no:cacheprovider --timeout 200 -q \
