@@ -146,54 +146,67 @@ def profile(args, say=print) -> dict:
            "moe_blocks": len(paths), "context": args.context, "steps": args.steps,
            "device": str(mx.default_device()), "results": []}
     say(f"{len(paths)} MoE blocks; context {args.context}; {args.steps} steps x {args.trials} trials")
-    from mlx.utils import tree_unflatten
 
     for B in batch_sizes:
-        row = {"batch_size": B}
-        samples: dict[str, list[dict]] = {}
-        for t in range(args.trials):
-            order = ("stock", "patched") if t % 2 == 0 else ("patched", "stock")
-            for v in order:
-                variants.use(v)
-                cache = _cache(model, B, args.context, vocab, args.seed)
-                samples.setdefault(v, []).append(_measure(model, cache, B, args.steps))
-        # everything else: the MoE blocks gone (the same for both variants)
-        variants.use("stock")
-        saved = dict(model.named_modules())
-        model.update_modules(tree_unflatten([(p, _NoMoE()) for p in paths]))
-        cache = _cache(model, B, args.context, vocab, args.seed)
-        samples["no_moe"] = [_measure(model, cache, B, args.steps) for _ in range(args.trials)]
-        model.update_modules(tree_unflatten([(p, saved[p]) for p in paths]))
-        for v, ss in samples.items():
-            row[v] = {k: statistics.median(s[k] for s in ss) for k in ss[0]}
-            row[v]["spread_step_ms"] = [min(s["step_ms"] for s in ss), max(s["step_ms"] for s in ss)]
-        if not args.no_kernels and mx.cuda.is_available():
-            for v in ("stock", "patched"):
-                variants.use(v)
-                cache = _cache(model, B, args.context, vocab, args.seed)
-                k = _kernels(lambda: _measure(model, cache, B, 8))
-                if "kernels" in k:  # _measure runs 1 warm + 8 sync + 10 pipelined steps
-                    k["per_step"] = {"kernels": k["kernels"] / 19, "kernel_us": k["kernel_us"] / 19}
-                row[v]["kernel_timeline"] = k
-        variants.use("patched")
-        row["moe_ms"] = {v: row[v]["step_ms"] - row["no_moe"]["step_ms"] for v in ("stock", "patched")}
+        try:
+            row = _profile_batch(args, model, variants, paths, vocab, B, say)
+        except Exception as e:  # noqa: BLE001 - one batch size's failure is data; the others run
+            row = {"batch_size": B, "error": f"{type(e).__name__}: {e}"}
+            say(f"batch {B:3d}: failed: {row['error']}")
+            variants.use("patched")
         doc["results"].append(row)
-        s, p, n = row["stock"], row["patched"], row["no_moe"]
-        say(f"batch {B:3d}: step stock {s['step_ms']:.2f} ms, patched {p['step_ms']:.2f} ms "
-            f"({s['step_ms'] / p['step_ms']:.2f}x); build {s['build_ms']:.2f} / {p['build_ms']:.2f} ms; "
-            f"sync {s['sync_ms']:.2f} / {p['sync_ms']:.2f} ms; no MoE: step {n['step_ms']:.2f} ms "
-            f"-> MoE costs {row['moe_ms']['stock']:.2f} / {row['moe_ms']['patched']:.2f} ms")
-        for v in ("stock", "patched"):
-            k = row[v].get("kernel_timeline")
-            if k and "per_step" in k:
-                say(f"           {v}: {k['per_step']['kernels']:.0f} kernels, {k['per_step']['kernel_us'] / 1e3:.2f} ms of "
-                    f"kernel time per step; top: " + ", ".join(f"{e['name'][:40]} {e['us'] / 19:.0f}us" for e in k["top"][:4]))
-            elif k:
-                say(f"           {v}: kernel timeline unavailable: {k.get('error')}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
     return doc
+
+
+def _profile_batch(args, model, variants, paths, vocab: int, B: int, say) -> dict:
+    from mlx.utils import tree_unflatten
+
+    row = {"batch_size": B}
+    samples: dict[str, list[dict]] = {}
+    for t in range(args.trials):
+        order = ("stock", "patched") if t % 2 == 0 else ("patched", "stock")
+        for v in order:
+            variants.use(v)
+            cache = _cache(model, B, args.context, vocab, args.seed)
+            samples.setdefault(v, []).append(_measure(model, cache, B, args.steps))
+    # everything else: the MoE blocks gone (the same for both variants)
+    variants.use("stock")
+    saved = dict(model.named_modules())
+    model.update_modules(tree_unflatten([(p, _NoMoE()) for p in paths]))
+    try:
+        cache = _cache(model, B, args.context, vocab, args.seed)
+        samples["no_moe"] = [_measure(model, cache, B, args.steps) for _ in range(args.trials)]
+    finally:
+        model.update_modules(tree_unflatten([(p, saved[p]) for p in paths]))
+    for v, ss in samples.items():
+        row[v] = {k: statistics.median(s[k] for s in ss) for k in ss[0]}
+        row[v]["spread_step_ms"] = [min(s["step_ms"] for s in ss), max(s["step_ms"] for s in ss)]
+    if not args.no_kernels and mx.cuda.is_available():
+        for v in ("stock", "patched"):
+            variants.use(v)
+            cache = _cache(model, B, args.context, vocab, args.seed)
+            k = _kernels(lambda: _measure(model, cache, B, 8))
+            if "kernels" in k:  # _measure runs 1 warm + 8 sync + 10 pipelined steps
+                k["per_step"] = {"kernels": k["kernels"] / 19, "kernel_us": k["kernel_us"] / 19}
+            row[v]["kernel_timeline"] = k
+    variants.use("patched")
+    row["moe_ms"] = {v: row[v]["step_ms"] - row["no_moe"]["step_ms"] for v in ("stock", "patched")}
+    s, p, n = row["stock"], row["patched"], row["no_moe"]
+    say(f"batch {B:3d}: step stock {s['step_ms']:.2f} ms, patched {p['step_ms']:.2f} ms "
+        f"({s['step_ms'] / p['step_ms']:.2f}x); build {s['build_ms']:.2f} / {p['build_ms']:.2f} ms; "
+        f"sync {s['sync_ms']:.2f} / {p['sync_ms']:.2f} ms; no MoE: step {n['step_ms']:.2f} ms "
+        f"-> MoE costs {row['moe_ms']['stock']:.2f} / {row['moe_ms']['patched']:.2f} ms")
+    for v in ("stock", "patched"):
+        k = row[v].get("kernel_timeline")
+        if k and "per_step" in k:
+            say(f"           {v}: {k['per_step']['kernels']:.0f} kernels, {k['per_step']['kernel_us'] / 1e3:.2f} ms of "
+                f"kernel time per step; top: " + ", ".join(f"{e['name'][:40]} {e['us'] / 19:.0f}us" for e in k["top"][:4]))
+        elif k:
+            say(f"           {v}: kernel timeline unavailable: {k.get('error')}")
+    return row
 
 
 def run(args) -> int:
