@@ -7,8 +7,8 @@ generate_step / BatchGenerator run it. For each batch size and variant it measur
   the GPU runs this one; `mx.async_eval`), per step: what generation tokens/s sees;
 - `build_ms`: the host time to build one step's graph (the model call, no evaluation);
 - `sync_ms`: one step built and evaluated with nothing overlapping: host + device in series;
-- the same three with every MoE block replaced by a module that returns zeros (`no_moe_*`), so
-  `step_ms - no_moe_step_ms` is what the MoE layers cost the step, router included;
+- the same three with every MoE block replaced by a module that returns zeros (`no_moe`), so
+  `moe_ms` = `step_ms` - `no_moe.step_ms` is what the MoE layers cost the step, router included;
 - on CUDA, with PyTorch's profiler (CUPTI sees every kernel in the process, MLX's included):
   kernels per step, the summed kernel time per step and the ten kernels that take most of it.
 
@@ -71,7 +71,8 @@ def _cache(model, batch: int, context: int, vocab: int, seed: int):
 
 
 def _measure(model, cache, batch: int, steps: int) -> dict:
-    """step_ms (pipelined), build_ms, sync_ms of `steps` decode steps on `cache`."""
+    """step_ms (pipelined), build_ms, sync_ms of `steps` decode steps on `cache`; `ran`: the steps
+    it evaluated in all (one warm-up, `steps` in series, `steps` + 1 pipelined)."""
     y = mx.zeros((batch, 1), dtype=mx.int32)
 
     def step(tok):
@@ -103,7 +104,7 @@ def _measure(model, cache, batch: int, steps: int) -> dict:
     mx.eval(cur)
     pipelined = (time.perf_counter() - t0) / (steps + 1)
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
-    return {"step_ms": 1e3 * pipelined, "build_ms": ms(builds), "sync_ms": ms(syncs)}
+    return {"step_ms": 1e3 * pipelined, "build_ms": ms(builds), "sync_ms": ms(syncs), "ran": 2 * steps + 2}
 
 
 def _kernels(run) -> dict:
@@ -188,9 +189,11 @@ def _profile_batch(args, model, variants, paths, vocab: int, B: int, say) -> dic
         for v in ("stock", "patched"):
             variants.use(v)
             cache = _cache(model, B, args.context, vocab, args.seed)
-            k = _kernels(lambda: _measure(model, cache, B, 8))
-            if "kernels" in k:  # _measure runs 1 warm + 8 sync + 10 pipelined steps
-                k["per_step"] = {"kernels": k["kernels"] / 19, "kernel_us": k["kernel_us"] / 19}
+            measured = {}
+            k = _kernels(lambda: measured.update(_measure(model, cache, B, 8)))
+            if "kernels" in k:
+                ran = measured["ran"]
+                k["per_step"] = {"steps": ran, "kernels": k["kernels"] / ran, "kernel_us": k["kernel_us"] / ran}
             row[v]["kernel_timeline"] = k
     variants.use("patched")
     row["moe_ms"] = {v: row[v]["step_ms"] - row["no_moe"]["step_ms"] for v in ("stock", "patched")}
@@ -203,7 +206,8 @@ def _profile_batch(args, model, variants, paths, vocab: int, B: int, say) -> dic
         k = row[v].get("kernel_timeline")
         if k and "per_step" in k:
             say(f"           {v}: {k['per_step']['kernels']:.0f} kernels, {k['per_step']['kernel_us'] / 1e3:.2f} ms of "
-                f"kernel time per step; top: " + ", ".join(f"{e['name'][:40]} {e['us'] / 19:.0f}us" for e in k["top"][:4]))
+                f"kernel time per step; top: " + ", ".join(f"{e['name'][:40]} {e['us'] / k['per_step']['steps']:.0f}us"
+                                                      for e in k["top"][:4]))
         elif k:
             say(f"           {v}: kernel timeline unavailable: {k.get('error')}")
     return row
